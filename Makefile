@@ -1,0 +1,30 @@
+# The two commands: `make run` brings the whole system up, `make test` runs every test.
+# Both install what they need into .venv first (only Python 3.11+ is required).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test proto install bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[local,test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(PY) -m devstack run
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+proto: install
+	$(PY) -m devstack proto
+
+bench: install
+	$(PY) bench/turns.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .data

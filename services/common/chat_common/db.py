@@ -1,0 +1,78 @@
+"""PostgreSQL for the services that own tables: one schema per service in a shared database
+(or a database of its own; both work), an async engine whose search_path is that schema, and
+ordered SQL migrations applied under an advisory lock so replicas may start together."""
+from __future__ import annotations
+
+import logging
+import re
+from importlib import resources
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+logger = logging.getLogger(__name__)
+
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def check_schema_name(schema: str) -> str:
+    if not _SCHEMA_NAME.match(schema):
+        raise ValueError(f"invalid schema name {schema!r}")
+    return schema
+
+
+def make_engine(url: str, schema: str, *, pool_size: int = 10, max_overflow: int = 20) -> AsyncEngine:
+    check_schema_name(schema)
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_pre_ping=True,
+        connect_args={"server_settings": {"search_path": schema, "application_name": f"chat-{schema}"}},
+    )
+
+
+def plain_dsn(url: str) -> str:
+    """The asyncpg DSN of an SQLAlchemy URL (``postgresql+asyncpg://`` -> ``postgresql://``)."""
+    parts = urlsplit(url)
+    return urlunsplit(("postgresql", parts.netloc, parts.path, parts.query, parts.fragment))
+
+
+def _migration_files(package: str) -> list[tuple[str, str]]:
+    folder = resources.files(package) / "migrations"
+    names = sorted(entry.name for entry in folder.iterdir() if entry.name.endswith(".sql"))
+    return [(name.removesuffix(".sql"), (folder / name).read_text()) for name in names]
+
+
+async def apply_migrations(url: str, schema: str, package: str) -> list[str]:
+    """Apply ``<package>/migrations/*.sql`` in name order, each once; return those applied now."""
+    check_schema_name(schema)
+    applied_now: list[str] = []
+    connection = await asyncpg.connect(plain_dsn(url))
+    try:
+        async with connection.transaction():
+            await connection.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"migrate:{schema}")
+            await connection.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            await connection.execute(f'SET LOCAL search_path TO "{schema}"')
+            await connection.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {row["version"] for row in await connection.fetch("SELECT version FROM schema_migrations")}
+            for version, sql in _migration_files(package):
+                if version in done:
+                    continue
+                await connection.execute(sql)
+                await connection.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+                applied_now.append(version)
+    finally:
+        await connection.close()
+    if applied_now:
+        logger.info("applied migrations", extra={"schema": schema, "versions": applied_now})
+    return applied_now
+
+
+async def ping(engine: AsyncEngine) -> None:
+    async with engine.connect() as connection:
+        await connection.exec_driver_sql("SELECT 1")

@@ -1,0 +1,157 @@
+"""One exception hierarchy for every service, mapped to HTTP statuses in one place.
+
+Internal services answer errors as ``{"error": {"code": <code>, "message": <text>}}`` with the
+status below; :mod:`chat_common.client` turns such a reply back into the same exception, so a
+``NotFoundError`` raised in the sessions service is a ``NotFoundError`` in the gateway.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+
+logger = logging.getLogger(__name__)
+
+
+class AppError(Exception):
+    status_code = 500
+    code = "internal_error"
+    default_message = "Internal Server Error"
+
+    def __init__(self, message: str | None = None, *, details: Any = None) -> None:
+        self.message = message or self.default_message
+        self.details = details
+        super().__init__(self.message)
+
+    def to_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details is not None:
+            body["details"] = self.details
+        return {"error": body}
+
+
+class BadRequestError(AppError):
+    status_code = 400
+    code = "bad_request"
+    default_message = "Bad request"
+
+
+class UnauthorizedError(AppError):
+    status_code = 401
+    code = "unauthorized"
+    default_message = "Authentication required"
+
+
+class InsufficientBalanceError(AppError):
+    status_code = 402
+    code = "insufficient_balance"
+    default_message = "Insufficient balance"
+
+
+class ForbiddenError(AppError):
+    status_code = 403
+    code = "forbidden"
+    default_message = "Forbidden"
+
+
+class ModelNotEntitledError(ForbiddenError):
+    code = "model_not_entitled"
+    default_message = "User Does Not Have Model Access"
+
+
+class NotFoundError(AppError):
+    status_code = 404
+    code = "not_found"
+    default_message = "Not found"
+
+
+class ConflictError(AppError):
+    status_code = 409
+    code = "conflict"
+    default_message = "Conflict"
+
+
+class PayloadTooLargeError(AppError):
+    status_code = 413
+    code = "payload_too_large"
+    default_message = "Payload too large"
+
+
+class UnsupportedMediaTypeError(AppError):
+    status_code = 415
+    code = "unsupported_media_type"
+    default_message = "Unsupported file type"
+
+
+class QuotaExceededError(AppError):
+    status_code = 413
+    code = "quota_exceeded"
+    default_message = "Storage quota exceeded"
+
+
+class TooManyRequestsError(AppError):
+    status_code = 429
+    code = "rate_limited"
+    default_message = "Too many requests"
+
+
+class UpstreamError(AppError):
+    status_code = 502
+    code = "upstream_error"
+    default_message = "A downstream service failed"
+
+
+class ServiceUnavailableError(AppError):
+    status_code = 503
+    code = "unavailable"
+    default_message = "Service unavailable"
+
+
+def _all_subclasses(cls: type[AppError]) -> list[type[AppError]]:
+    found: list[type[AppError]] = []
+    for sub in cls.__subclasses__():
+        found.append(sub)
+        found.extend(_all_subclasses(sub))
+    return found
+
+
+def error_class_for(code: str, status: int) -> type[AppError]:
+    """The exception class an error reply stands for (by code, else by status)."""
+    classes = [AppError, *_all_subclasses(AppError)]
+    for cls in classes:
+        if cls.code == code:
+            return cls
+    for cls in classes:
+        if cls.status_code == status:
+            return cls
+    return UpstreamError if status >= 500 else BadRequestError
+
+
+def app_error_handler(_: Request, exc: AppError) -> Response:
+    if exc.status_code >= 500:
+        logger.error("request failed: %s", exc.message)
+    return Response(content=exc.to_body(), status_code=exc.status_code)
+
+
+def http_exception_handler(_: Request, exc: HTTPException) -> Response:
+    if isinstance(exc, ValidationException):
+        body = {"error": {"code": "validation_error", "message": exc.detail, "details": exc.extra}}
+        return Response(content=body, status_code=400)
+    code = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}.get(
+        exc.status_code, "http_error"
+    )
+    return Response(content={"error": {"code": code, "message": exc.detail}}, status_code=exc.status_code)
+
+
+def unhandled_exception_handler(_: Request, exc: Exception) -> Response:
+    logger.exception("unhandled error", exc_info=exc)
+    return Response(content=AppError().to_body(), status_code=500)
+
+
+EXCEPTION_HANDLERS = {
+    AppError: app_error_handler,
+    HTTPException: http_exception_handler,
+    Exception: unhandled_exception_handler,
+}

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from litestar import Litestar
+from litestar.config.cors import CORSConfig
+
+from chat_common.app import ServicePlugin
+from chat_gateway.context import GatewayContext
+from chat_gateway.settings import GatewaySettings
+from chat_gateway.uploads.controllers import upload_routes
+from chat_gateway.ws.handlers import websocket_routes
+
+
+def create_app(settings: GatewaySettings | None = None) -> Litestar:
+    settings = settings or GatewaySettings.from_env()
+    holder: dict[str, GatewayContext] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        context = GatewayContext.create(settings)
+        holder["context"] = context
+        app.state.gateway = context
+        try:
+            yield
+        finally:
+            await context.close()
+
+    def context() -> GatewayContext:
+        return holder["context"]
+
+    async def redis_ready() -> None:
+        await context().redis.ping()
+
+    async def ai_ready() -> None:
+        stub = health_pb2_grpc.HealthStub(context().ai_channel)
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            raise RuntimeError("AI service not serving")
+
+    plugin = ServicePlugin(
+        name="gateway",
+        service_token=None,
+        readiness_checks={
+            "redis": redis_ready,
+            "sessions": lambda: context().sessions.ping(),
+            "files": lambda: context().files.ping(),
+            "billing": lambda: context().billing.ping(),
+            "ai": ai_ready,
+        },
+    )
+    cors = None
+    if settings.allowed_origins:
+        cors = CORSConfig(allow_origins=list(settings.allowed_origins), allow_headers=["*"], allow_methods=["*"])
+    app = Litestar(
+        route_handlers=[*websocket_routes, *upload_routes],
+        plugins=[plugin],
+        lifespan=[lifespan],
+        cors_config=cors,
+        debug=False,
+    )
+    app.state.settings = settings
+    return app

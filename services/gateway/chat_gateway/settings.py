@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chat_common.settings import (
+    ServiceSettings,
+    env_bool,
+    env_float,
+    env_int,
+    env_list,
+    env_str,
+    service_url,
+)
+
+
+def redis_url() -> str:
+    url = env_str("REDIS_URL")
+    if url:
+        return url
+    password = env_str("REDIS_PASSWORD")
+    auth = f":{password}@" if password else ""
+    return f"redis://{auth}{env_str('REDIS_HOST', '127.0.0.1')}:{env_int('REDIS_PORT', 6379)}/{env_int('REDIS_DB', 0)}"
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    service: ServiceSettings
+    public_url: str
+    redis_url: str
+    sessions_url: str
+    files_url: str
+    billing_url: str
+    ai_target: str
+    ai_timeout_seconds: float
+    max_chat_history_context: int
+    max_file_size_bytes: int
+    reserve_output_tokens: int
+    turn_lock_seconds: float
+    context_cache_seconds: int
+    # security
+    auth_mode: str
+    jwt_secret: str
+    jwt_public_key: str
+    jwt_jwks_url: str
+    jwt_algorithms: tuple[str, ...]
+    jwt_issuer: str
+    jwt_audience: str
+    allowed_origins: tuple[str, ...]
+    max_frame_bytes: int
+    max_message_chars: int
+    max_prompt_chars: int
+    max_file_name_chars: int
+    rate_limit_requests: int
+    rate_limit_window_seconds: int
+    max_sockets_per_user: int
+
+    @classmethod
+    def from_env(cls) -> "GatewaySettings":
+        service = ServiceSettings.from_env("gateway", 8000)
+        service = ServiceSettings(
+            name="gateway",
+            host=env_str("GATEWAY_HOST", "127.0.0.1", "SERVER_HOST"),
+            port=env_int("GATEWAY_PORT", 8000, "SERVER_PORT"),
+            service_token=service.service_token,
+            log_level=service.log_level,
+            log_content=service.log_content,
+            shutdown_grace_seconds=service.shutdown_grace_seconds,
+        )
+        auth_mode = env_str("AUTH_MODE", "none").lower()
+        if auth_mode not in {"none", "jwt"}:
+            raise ValueError("AUTH_MODE must be 'none' or 'jwt'")
+        default_origins = ["*"] if auth_mode == "none" else []
+        return cls(
+            service=service,
+            public_url=env_str("GATEWAY_PUBLIC_URL", f"http://localhost:{service.port}").rstrip("/"),
+            redis_url=redis_url(),
+            sessions_url=service_url("sessions", 8001),
+            files_url=service_url("files", 8002),
+            billing_url=service_url("billing", 8003),
+            ai_target=f"{env_str('AI_SERVER_HOST', '127.0.0.1')}:{env_int('AI_SERVER_PORT', 50051)}",
+            ai_timeout_seconds=env_float("AI_TIMEOUT_SECONDS", 120.0),
+            max_chat_history_context=env_int("MAX_CHAT_HISTORY_CONTEXT", 10),
+            max_file_size_bytes=env_int("MAX_FILE_SIZE", 10) * 1024 * 1024,
+            reserve_output_tokens=env_int("RESERVE_OUTPUT_TOKENS", 1024),
+            turn_lock_seconds=env_float("TURN_LOCK_SECONDS", 180.0),
+            context_cache_seconds=env_int("CONTEXT_CACHE_SECONDS", 86400),
+            auth_mode=auth_mode,
+            jwt_secret=env_str("JWT_SECRET"),
+            jwt_public_key=env_str("JWT_PUBLIC_KEY"),
+            jwt_jwks_url=env_str("JWT_JWKS_URL"),
+            jwt_algorithms=tuple(env_list("JWT_ALGORITHMS", ["HS256"])),
+            jwt_issuer=env_str("JWT_ISSUER"),
+            jwt_audience=env_str("JWT_AUDIENCE"),
+            allowed_origins=tuple(env_list("ALLOWED_ORIGINS", default_origins)),
+            max_frame_bytes=env_int("MAX_FRAME_BYTES", 256 * 1024),
+            max_message_chars=env_int("MAX_MESSAGE_CHARS", 32_000),
+            max_prompt_chars=env_int("MAX_PROMPT_CHARS", 16_000),
+            max_file_name_chars=env_int("MAX_FILE_NAME_CHARS", 255),
+            rate_limit_requests=env_int("RATE_LIMIT_REQUESTS", 600),
+            rate_limit_window_seconds=env_int("RATE_LIMIT_WINDOW_SECONDS", 60),
+            max_sockets_per_user=env_int("MAX_SOCKETS_PER_USER", 50),
+        )

@@ -1,0 +1,2 @@
+"""POST /upload and GET /uploads/{fileName} (being built: issue 5)."""
+upload_routes: list = []

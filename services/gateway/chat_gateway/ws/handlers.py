@@ -1,0 +1,2 @@
+"""The /ws protocol endpoint (being built: issue 3)."""
+websocket_routes: list = []

@@ -1,0 +1,63 @@
+"""Shared fixtures: real servers started as processes on free ports, once per test run.
+
+Each test module that needs a database gets one of its own (``fresh_database``), so modules
+never see each other's rows. Tests that kill or restart a server start their own instance
+with the classes in :mod:`devstack.servers` instead of using these shared ones.
+"""
+from __future__ import annotations
+
+import secrets
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devstack.servers import PostgresServer, RedisServer, S3Server, free_port
+
+
+@pytest.fixture(scope="session")
+def work_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="chat-tests-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres(work_dir: Path) -> Iterator[PostgresServer]:
+    server = PostgresServer("postgres", free_port(), work_dir / "pg", durable=False).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(work_dir: Path) -> Iterator[RedisServer]:
+    server = RedisServer("redis", free_port(), work_dir / "redis").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(work_dir: Path) -> Iterator[S3Server]:
+    server = S3Server("s3", free_port(also_free_offset=10000), work_dir / "s3").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def service_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def new_database(postgres: PostgresServer) -> str:
+    """A new empty database; returns its SQLAlchemy asyncpg URL."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    postgres.create_database(name)
+    return f"postgresql+asyncpg://postgres@127.0.0.1:{postgres.port}/{name}"
+
+
+@pytest.fixture(scope="module")
+def fresh_database(postgres: PostgresServer) -> str:
+    return new_database(postgres)
