@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from devstack.servers import PostgresServer, RedisServer, S3Server, free_port
+from devstack.stack import Stack
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +62,48 @@ def new_database(postgres: PostgresServer) -> str:
 @pytest.fixture(scope="module")
 def fresh_database(postgres: PostgresServer) -> str:
     return new_database(postgres)
+
+
+SYSTEM_MAX_FILE_SIZE_MB = 2
+
+
+@pytest.fixture(scope="session")
+def system(work_dir: Path, postgres: PostgresServer, redis_server: RedisServer, s3_server: S3Server,
+           service_token: str) -> Iterator[Stack]:
+    """All five services as processes on free ports, on the shared PostgreSQL (a database of
+    their own), Redis and S3. Limits are set so tests can reach them quickly."""
+    from devstack.stack import Infrastructure, Ports, Stack, wait_ready
+
+    infra = Infrastructure(
+        database_url=new_database(postgres),
+        redis_url=redis_server.url(),
+        s3_endpoint=s3_server.endpoint(),
+        s3_access_key=s3_server.access_key,
+        s3_secret_key=s3_server.secret_key,
+    )
+    stack = Stack(
+        work_dir / "system",
+        ports=Ports.free(),
+        infra=infra,
+        service_token=service_token,
+        durable=False,
+        env={
+            "MAX_FILE_SIZE": str(SYSTEM_MAX_FILE_SIZE_MB),
+            "MAX_CHAT_HISTORY_CONTEXT": "10",
+            "AI_PROVIDER": "offline",
+            "RATE_LIMIT_REQUESTS": "100000",
+            "MAX_SOCKETS_PER_USER": "1000",
+            "S3_BUCKET": "system-files",
+            "LOG_LEVEL": "INFO",
+        },
+    )
+    try:
+        stack.start()
+        wait_ready(stack.gateway_url, timeout=60)
+    except Exception:
+        for name, process in stack.services.items():
+            print(f"--- {name} log ---\n{process.log_tail(80)}")
+        stack.stop()
+        raise
+    yield stack
+    stack.stop()
