@@ -1,0 +1,81 @@
+"""The offline provider: no model, no network except fetching the turn's files. Its reply states,
+one fact per line, what the turn carried, so a test anywhere in the system can prove that the
+prompt, history, summary, message and files reached the AI service. Same input, same output."""
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from chat_ai.providers.base import ChatCall, Completion, SummaryCall, count_tokens, one_line
+from chat_ai.providers.transport import fetch_file
+
+HISTORY_PREVIEW_CHARS = 60
+SUMMARY_ENTRY_CHARS = 200
+# The folded summary grows by one line per entry; past this it drops its oldest lines so a
+# long-running session does not carry an ever larger summary into every turn.
+SUMMARY_MAX_CHARS = 8000
+OMITTED_MARKER = "(earlier conversation omitted)"
+
+
+class OfflineProvider:
+    name = "offline"
+
+    def __init__(
+        self, client: httpx.AsyncClient, *, fetch_timeout: float = 10.0, fetch_max_bytes: int = 50 * 1024 * 1024
+    ) -> None:
+        self._client = client
+        self._fetch_timeout = fetch_timeout
+        self._fetch_max_bytes = fetch_max_bytes
+
+    async def chat(self, call: ChatCall, timeout: float) -> Completion:
+        fetch_timeout = min(self._fetch_timeout, timeout)
+        fetched = await asyncio.gather(*(
+            fetch_file(self._client, url, timeout=fetch_timeout, max_bytes=self._fetch_max_bytes)
+            for url in call.files
+        ))
+        lines = [
+            f"Echo: {call.message}",
+            f"Prompt: {call.prompt or '(none)'}",
+            _history_line(call),
+            f"Summary: {call.summary or '(none)'}",
+        ]
+        if fetched:
+            lines.append(f"Files: {len(fetched)}")
+            lines.extend(f"- {result.describe()}" for result in fetched)
+        else:
+            lines.append("Files: (none)")
+        lines.append(f"Model: {call.model}")
+        text = "\n".join(lines)
+        input_tokens = count_tokens(
+            call.prompt, call.summary, *(entry.content for entry in call.history), call.message, *call.files
+        )
+        return Completion(text, input_tokens, count_tokens(text))
+
+    async def summarize(self, call: SummaryCall, timeout: float) -> Completion:
+        lines = call.previous_summary.strip().splitlines() if call.previous_summary.strip() else []
+        lines.extend(
+            f"{entry.role}: {one_line(entry.content, SUMMARY_ENTRY_CHARS, '…')}" for entry in call.entries
+        )
+        text = _cap(lines)
+        input_tokens = count_tokens(call.previous_summary, *(entry.content for entry in call.entries))
+        return Completion(text, input_tokens, count_tokens(text))
+
+
+def _history_line(call: ChatCall) -> str:
+    count = len(call.history)
+    if count == 0:
+        return "History: 0 entries"
+    last = call.history[-1]
+    return f"History: {count} entries; last: {last.role}: {one_line(last.content, HISTORY_PREVIEW_CHARS)}"
+
+
+def _cap(lines: list[str]) -> str:
+    text = "\n".join(lines)
+    if len(text) <= SUMMARY_MAX_CHARS:
+        return text
+    kept = [line for line in lines if line != OMITTED_MARKER]
+    budget = SUMMARY_MAX_CHARS - len(OMITTED_MARKER) - 1
+    while kept and len("\n".join(kept)) > budget:
+        kept.pop(0)
+    return "\n".join([OMITTED_MARKER, *kept])

@@ -1,0 +1,91 @@
+"""Any server speaking OpenAI's chat-completions API: OpenAI itself, vLLM, llama.cpp's server,
+Ollama's ``/v1``. Tokens and so the cost come from the ``usage`` the server reports."""
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import grpc
+import httpx
+
+from chat_ai.providers.base import (
+    AIError,
+    ChatCall,
+    Completion,
+    SummaryCall,
+    history_messages,
+    summary_messages,
+    system_text,
+)
+from chat_ai.providers.transport import post_json, prepare_attachments, token_count
+
+
+class OpenAICompatProvider:
+    name = "openai_compat"
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        base_url: str = "https://api.openai.com/v1",
+        api_key: str = "",
+        fetch_timeout: float = 10.0,
+        image_max_bytes: int = 20 * 1024 * 1024,
+    ) -> None:
+        self._client = client
+        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._api_key = api_key
+        self._fetch_timeout = fetch_timeout
+        self._image_max_bytes = image_max_bytes
+
+    async def chat(self, call: ChatCall, timeout: float) -> Completion:
+        messages: list[dict[str, Any]] = []
+        if system := system_text(call.prompt, call.summary):
+            messages.append({"role": "system", "content": system})
+        messages.extend(history_messages(call.history))
+        messages.append(await self._user_message(call, timeout))
+        return await self._complete(call.model, messages, timeout)
+
+    async def summarize(self, call: SummaryCall, timeout: float) -> Completion:
+        return await self._complete(call.model, summary_messages(call), timeout)
+
+    async def _user_message(self, call: ChatCall, timeout: float) -> dict[str, Any]:
+        attachments = await prepare_attachments(
+            self._client, call.files, timeout=min(self._fetch_timeout, timeout), max_image_bytes=self._image_max_bytes
+        )
+        text = f"{call.message}\n\n{attachments.text}" if attachments.text else call.message
+        if not attachments.images:
+            return {"role": "user", "content": text}
+        parts: list[dict[str, Any]] = [{"type": "text", "text": text}]
+        for mime, data in attachments.images:
+            data_url = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+            parts.append({"type": "image_url", "image_url": {"url": data_url}})
+        return {"role": "user", "content": parts}
+
+    async def _complete(self, model: str, messages: list[dict[str, Any]], timeout: float) -> Completion:
+        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        data = await post_json(
+            self._client, "openai", self._url, {"model": model, "messages": messages},
+            timeout=timeout, headers=headers,
+        )
+        try:
+            message = data["choices"][0]["message"]
+        except (KeyError, IndexError, TypeError):
+            raise AIError(grpc.StatusCode.UNAVAILABLE, "openai answered without choices[0].message") from None
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        return Completion(
+            _content_text(message.get("content") if isinstance(message, dict) else None),
+            token_count(usage.get("prompt_tokens")),
+            token_count(usage.get("completion_tokens")),
+        )
+
+
+def _content_text(content: object) -> str:
+    """``content`` is a string, or (some servers) a list of typed parts, or null (a refusal)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            part.get("text", "") for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+    return ""
