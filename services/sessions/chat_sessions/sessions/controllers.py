@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from litestar import Controller, delete, get, post, put
+from litestar.exceptions import ValidationException
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody, QueryParameter
+
+from chat_sessions.sessions import schemas
+from chat_sessions.sessions.services import SessionsService
+
+UserId = Annotated[uuid.UUID, QueryParameter(description="owner of the session")]
+Sessions = NamedDependency[SessionsService]
+SessionIdPath = FromPath[str]
+
+
+def parse_session_id(value: str) -> uuid.UUID:
+    # Taken as a string and parsed here: a `{session_id:uuid}` route would answer a malformed
+    # id with a 404 (no route), which reads like "session not found" instead of "bad input".
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise ValidationException(
+            detail="session_id must be a UUID",
+            extra=[{"message": "Invalid UUID", "key": "session_id", "source": "path"}],
+        ) from None
+
+
+class SessionsController(Controller):
+    path = "/v1/sessions"
+    tags = ["sessions"]
+
+    @post("/")
+    async def create_session(self, sessions: Sessions, data: JSONBody[schemas.SessionCreate]) -> schemas.Session:
+        return await sessions.create(data)
+
+    @get("/")
+    async def list_sessions(
+        self,
+        sessions: Sessions,
+        user_id: UserId,
+        limit: Annotated[int, QueryParameter(ge=1)] = schemas.DEFAULT_PAGE_LIMIT,
+        offset: Annotated[int, QueryParameter(ge=0, le=schemas.MAX_INT4)] = 0,
+    ) -> schemas.SessionPage:
+        # Over the maximum is clamped, not refused: the reply's `limit` says what was applied.
+        return await sessions.list(user_id, min(limit, schemas.MAX_PAGE_LIMIT), offset)
+
+    @get("/{session_id:str}")
+    async def get_session(self, sessions: Sessions, session_id: SessionIdPath, user_id: UserId) -> schemas.Session:
+        return await sessions.get(user_id, parse_session_id(session_id))
+
+    @get("/{session_id:str}/entries")
+    async def list_entries(
+        self,
+        sessions: Sessions,
+        session_id: SessionIdPath,
+        user_id: UserId,
+        last: Annotated[int | None, QueryParameter(gt=0)] = None,
+    ) -> schemas.EntryList:
+        return await sessions.entries(user_id, parse_session_id(session_id), last)
+
+    @get("/{session_id:str}/context")
+    async def get_context(
+        self,
+        sessions: Sessions,
+        session_id: SessionIdPath,
+        user_id: UserId,
+        window: Annotated[int, QueryParameter(ge=0)] = schemas.DEFAULT_CONTEXT_WINDOW,
+    ) -> schemas.SessionContext:
+        return await sessions.context(user_id, parse_session_id(session_id), window)
+
+    @post("/{session_id:str}/turns")
+    async def append_turn(
+        self, sessions: Sessions, session_id: SessionIdPath, data: JSONBody[schemas.TurnAppend]
+    ) -> schemas.TurnResult:
+        return await sessions.append_turn(parse_session_id(session_id), data)
+
+    @put("/{session_id:str}/summary")
+    async def update_summary(
+        self, sessions: Sessions, session_id: SessionIdPath, data: JSONBody[schemas.SummaryUpdate]
+    ) -> schemas.Session:
+        return await sessions.update_summary(parse_session_id(session_id), data)
+
+    @delete("/{session_id:str}", status_code=204)
+    async def delete_session(self, sessions: Sessions, session_id: SessionIdPath, user_id: UserId) -> None:
+        await sessions.delete(user_id, parse_session_id(session_id))

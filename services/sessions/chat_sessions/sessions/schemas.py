@@ -1,0 +1,106 @@
+"""Request and reply bodies. Size limits live here so that Litestar rejects oversize input with
+a 400 before any of it reaches the database."""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Literal
+
+import msgspec
+
+MAX_NAME_CHARS = 200
+MAX_PROMPT_CHARS = 100_000
+MAX_SUMMARY_CHARS = 100_000
+MAX_CONTENT_BYTES = 1024 * 1024
+MAX_ENTRIES_PER_TURN = 100
+MAX_IDEMPOTENCY_KEY_CHARS = 200
+DEFAULT_PAGE_LIMIT = 50
+MAX_PAGE_LIMIT = 500
+DEFAULT_CONTEXT_WINDOW = 10
+# PostgreSQL integer columns; larger numbers would overflow in the driver, not fail cleanly.
+MAX_INT4 = 2**31 - 1
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
+Prompt = Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)]
+Summary = Annotated[str, msgspec.Meta(max_length=MAX_SUMMARY_CHARS)]
+# Characters bound here; the byte bound (1 MiB of UTF-8) is checked by the service.
+Content = Annotated[str, msgspec.Meta(max_length=MAX_CONTENT_BYTES)]
+IdempotencyKey = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_IDEMPOTENCY_KEY_CHARS)]
+Role = Literal["user", "assistant", "file"]
+
+
+class SessionCreate(msgspec.Struct):
+    user_id: uuid.UUID
+    name: Name
+    model_name: Name
+    prompt: Prompt = ""
+    session_id: uuid.UUID | None = None
+    idempotency_key: IdempotencyKey | None = None
+
+
+class EntryIn(msgspec.Struct):
+    role: Role
+    content: Content
+
+
+class TurnAppend(msgspec.Struct):
+    user_id: uuid.UUID
+    turn_id: uuid.UUID
+    entries: Annotated[list[EntryIn], msgspec.Meta(min_length=1, max_length=MAX_ENTRIES_PER_TURN)]
+    prompt: Prompt | None = None
+    model_name: Name | None = None
+
+
+class SummaryUpdate(msgspec.Struct):
+    user_id: uuid.UUID
+    summary: Summary
+    summarized_upto: Annotated[int, msgspec.Meta(ge=0, le=MAX_INT4)]
+    turn_id: uuid.UUID
+
+
+class Session(msgspec.Struct):
+    session_id: uuid.UUID
+    user_id: uuid.UUID
+    session_name: str
+    model_name: str
+    prompt: str
+    summary: str
+    summarized_upto: int
+    entry_count: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class SessionPage(msgspec.Struct):
+    items: list[Session]
+    total: int
+    limit: int
+    offset: int
+
+
+class Entry(msgspec.Struct):
+    seq: int
+    role: str
+    content: str
+    turn_id: uuid.UUID
+    created_at: datetime
+
+
+class EntryList(msgspec.Struct):
+    items: list[Entry]
+
+
+class SessionContext(msgspec.Struct):
+    session: Session
+    entries: list[Entry]
+
+
+class TurnResult(msgspec.Struct):
+    session_id: uuid.UUID
+    turn_id: uuid.UUID
+    first_seq: int
+    # Entries this turn added (or added the first time, on a replay).
+    count: int
+    # The session's entry count right after this turn (also on a replay): first_seq + count.
+    entry_count: int
+    created: bool
