@@ -139,7 +139,10 @@ def http_exception_handler(_: Request, exc: HTTPException) -> Response:
     if isinstance(exc, ValidationException):
         body = {"error": {"code": "validation_error", "message": exc.detail, "details": exc.extra}}
         return Response(content=body, status_code=400)
-    code = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}.get(
+    code = {
+        401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+        413: "payload_too_large", 429: "rate_limited",
+    }.get(
         exc.status_code, "http_error"
     )
     return Response(content={"error": {"code": code, "message": exc.detail}}, status_code=exc.status_code)

@@ -44,7 +44,9 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     handler.setFormatter(JsonFormatter(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    if not isinstance(logging.getLevelName(level.upper()), int):
+        raise ValueError(f"LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, got {level!r}")
+    root.setLevel(level.upper())
     # uvicorn installs its own handlers; route them through ours.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "litestar"):
         logger = logging.getLogger(name)

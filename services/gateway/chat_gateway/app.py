@@ -26,6 +26,10 @@ def create_app(settings: GatewaySettings | None = None) -> Litestar:
         try:
             yield
         finally:
+            # shielded turns and postponed debits still in flight finish before the clients close
+            runner = getattr(app.state, "turn_runner", None)
+            if runner is not None:
+                await runner.drain(settings.service.shutdown_grace_seconds)
             await context.close()
 
     def context() -> GatewayContext:

@@ -1,2 +1,379 @@
-"""POST /upload and GET /uploads/{fileName} (being built: issue 5)."""
-upload_routes: list = []
+"""``POST /upload`` and ``GET /uploads/{fileName}`` (PROTOCOL.md sections 3 and 4).
+
+The upload never holds the body: the multipart stream is parsed as it arrives and the file
+part is passed on, chunk by chunk, as the streamed body of the files service's upload. Both
+this gateway and the files service count the bytes against ``MAX_FILE_SIZE`` as they pass.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import quote, unquote
+
+from litestar import Request, Response, get, post
+from litestar.exceptions import InternalServerException
+from litestar.response import Stream
+
+from chat_common.errors import (
+    AppError,
+    BadRequestError,
+    ForbiddenError,
+    NotFoundError,
+    PayloadTooLargeError,
+    ServiceUnavailableError,
+    UnauthorizedError,
+)
+from chat_gateway.context import GatewayContext
+from chat_gateway.settings import GatewaySettings
+from chat_gateway.uploads.multipart import (
+    Field,
+    FileData,
+    FileEnd,
+    FileStart,
+    StreamingForm,
+    boundary_of,
+)
+from chat_gateway.uploads.pipe import FilePipe
+
+logger = logging.getLogger(__name__)
+
+UPLOAD_OK = "File uploaded successfully"
+USER_NOT_FOUND = "User Does Not Exists"
+SESSION_NOT_FOUND = "Session not found"
+NEW_SESSION = "NEW"
+SESSION_NAME_CHARS = 20
+# What the files service looks at to tell a file's type (content_types.HEAD_BYTES there).
+HEAD_BYTES = 8192
+MAX_RAW_FILE_NAME_BYTES = 1024
+_FILE_NAME = re.compile(r"^[0-9a-f]{32}\.[a-z0-9]{1,10}$")
+
+
+def _failure(status: int, message: str) -> Response[dict[str, Any]]:
+    return Response({"message": message, "data": None}, status_code=status)
+
+
+def _context(request: Request) -> GatewayContext:
+    return request.app.state.gateway
+
+
+async def _authenticated_user(request: Request, settings: GatewaySettings) -> str | None:
+    """The user the request is authenticated as; None when authentication is off."""
+    if settings.auth_mode == "none":
+        return None
+    from chat_gateway import auth
+
+    hook = getattr(auth, "authenticate_request", None)
+    if hook is None:
+        # Fail closed: a configured mode this endpoint cannot check must not fall back to trust.
+        raise UnauthorizedError(f"AUTH_MODE={settings.auth_mode} is not supported for uploads yet")
+    return await hook(request, settings)
+
+
+def _parse_user_id(raw: str, authenticated: str | None) -> str:
+    raw = raw.strip()
+    if authenticated is not None and raw and raw != authenticated:
+        raise ForbiddenError("user_id does not match the authenticated user")
+    value = raw or (authenticated or "")
+    if not value:
+        raise BadRequestError("missing field: user_id")
+    try:
+        return str(uuid.UUID(value))
+    except ValueError as exc:
+        raise BadRequestError("user_id must be a UUID") from exc
+
+
+def _parse_session_id(raw: str) -> str:
+    raw = raw.strip()
+    if raw == NEW_SESSION:
+        return raw
+    if not raw:
+        raise BadRequestError("missing field: session_id")
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError as exc:
+        raise BadRequestError('session_id must be a UUID or "NEW"') from exc
+
+
+def session_name_for(original_name: str) -> str:
+    name = original_name[:SESSION_NAME_CHARS].strip()
+    return name or "file"
+
+
+class _Upload:
+    """One ``POST /upload``: the form's fields as they arrive, and the file's way out."""
+
+    def __init__(self, ctx: GatewayContext, authenticated: str | None) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self.authenticated = authenticated
+        self.fields: dict[str, str] = {}
+        self.user_id = ""
+        self.session_id = ""
+        self.owner_checked = False
+        self.original_name = ""
+        self.file_bytes = 0
+        self.head: list[bytes] = []
+        self.head_size = 0
+        self.pipe: FilePipe | None = None
+        self.stored: dict[str, Any] | None = None
+
+    # -- checks ----------------------------------------------------------------------------------
+
+    async def check_owner(self) -> None:
+        """The user exists and, for an existing session, owns it."""
+        self.user_id = _parse_user_id(self.fields.get("user_id", ""), self.authenticated)
+        self.session_id = _parse_session_id(self.fields.get("session_id", ""))
+        try:
+            await self.ctx.billing.get(f"/v1/users/{self.user_id}")
+        except NotFoundError as exc:
+            raise NotFoundError(USER_NOT_FOUND) from exc
+        if self.session_id != NEW_SESSION:
+            try:
+                await self.ctx.sessions.get(f"/v1/sessions/{self.session_id}", params={"user_id": self.user_id})
+            except NotFoundError as exc:
+                raise NotFoundError(SESSION_NOT_FOUND) from exc
+        self.owner_checked = True
+
+    # -- events ----------------------------------------------------------------------------------
+
+    async def on_field(self, event: Field) -> None:
+        self.fields[event.name] = event.value
+
+    async def on_file_start(self, event: FileStart) -> None:
+        if len(event.filename.encode()) > MAX_RAW_FILE_NAME_BYTES:
+            raise BadRequestError(f"file name is too long (at most {MAX_RAW_FILE_NAME_BYTES} bytes)")
+        if not event.filename.strip():
+            raise BadRequestError("the file has no name")
+        self.original_name = event.filename
+        # With the owner known before the file, a wrong user or session is refused before any
+        # byte of the file is sent on, and the quota is enforced while the file streams.
+        if "user_id" in self.fields and "session_id" in self.fields:
+            await self.check_owner()
+
+    async def on_file_data(self, event: FileData) -> None:
+        self.file_bytes += len(event.data)
+        if self.file_bytes > self.settings.max_file_size_bytes:
+            raise PayloadTooLargeError(f"File is larger than the {self._limit_text()} limit")
+        if self.pipe is not None:
+            await self.pipe.write(event.data)
+            return
+        self.head.append(event.data)
+        self.head_size += len(event.data)
+        if self.head_size >= HEAD_BYTES:
+            await self._start_pipe(complete=False)
+
+    async def on_file_end(self) -> None:
+        if self.pipe is None:
+            await self._start_pipe(complete=True)
+        assert self.pipe is not None
+        self.stored = await self.pipe.finish()
+
+    def _limit_text(self) -> str:
+        return f"{self.settings.max_file_size_bytes / (1024 * 1024):g} MB"
+
+    async def _start_pipe(self, *, complete: bool) -> None:
+        head = b"".join(self.head)
+        self.head = []
+        params: dict[str, str] = {"original_name": self.original_name}
+        if self.owner_checked:
+            params["user_id"] = self.user_id
+        # A wrong type is refused on the file's first bytes, before the rest is sent on.
+        await self.ctx.files.post(
+            "/v1/uploads/check", params={**params, "complete": str(complete).lower()}, content=head[:HEAD_BYTES]
+        )
+        if self.owner_checked and self.session_id != NEW_SESSION:
+            params["session_id"] = self.session_id
+        self.pipe = FilePipe(self.ctx.files, params)
+        await self.pipe.write(head)
+
+    # -- the end ---------------------------------------------------------------------------------
+
+    async def complete(self) -> dict[str, Any]:
+        if self.stored is None:
+            raise BadRequestError("missing field: file")
+        if not self.owner_checked:
+            await self.check_owner()
+        file_name = self.stored["file_name"]
+        session_id = self.session_id
+        if session_id == NEW_SESSION:
+            model_name = self.fields.get("model_name", "").strip()
+            if not model_name:
+                raise BadRequestError("missing field: model_name (needed to create a NEW session)")
+            prompt = self.fields.get("session_prompt", "")
+            session = await self.ctx.sessions.post(
+                "/v1/sessions",
+                json={
+                    "user_id": self.user_id,
+                    "name": session_name_for(self.stored["original_name"]),
+                    "model_name": model_name,
+                    "prompt": prompt,
+                    "idempotency_key": f"upload:{file_name}",
+                },
+            )
+            session_id = str(session["session_id"])
+        if self.stored.get("session_id") != session_id:
+            self.stored = await self.ctx.files.post(
+                f"/v1/files/{file_name}/attach",
+                json={"user_id": self.user_id, "session_id": session_id, "idempotency_key": f"attach:{file_name}"},
+            )
+        stored = self.stored
+        return {
+            "fileName": file_name,
+            "sessionId": session_id,
+            "imageUrl": f"{self.settings.public_url}/uploads/{file_name}",
+            "size": stored["size"],
+            "sha256": stored["sha256"],
+            "contentType": stored["content_type"],
+            "originalName": stored["original_name"],
+        }
+
+    async def discard(self) -> None:
+        """Undo what was stored for an upload that failed."""
+        if self.pipe is not None and self.stored is None:
+            await self.pipe.abort()
+        if self.stored is not None:
+            params = {"user_id": self.user_id} if self.owner_checked else {}
+            try:
+                await self.ctx.files.delete(f"/v1/files/{self.stored['file_name']}", params=params, retries=1)
+            except AppError as exc:
+                # The sweep removes a staged file nobody attached.
+                logger.warning("could not remove the file of a failed upload: %s", exc.message)
+
+
+def _field_limits(settings: GatewaySettings) -> dict[str, int]:
+    return {
+        "user_id": 200,
+        "session_id": 200,
+        "model_name": 400,
+        "session_prompt": settings.max_prompt_chars * 4,  # characters of up to 4 UTF-8 bytes
+    }
+
+
+def form_allowance(settings: GatewaySettings) -> int:
+    """Bytes a form may carry besides the file: fields, part headers and boundaries."""
+    return sum(_field_limits(settings).values()) + 64 * 1024
+
+
+@post("/upload", status_code=202, request_max_body_size=None)
+async def upload_file(request: Request) -> Response[dict[str, Any]]:
+    ctx = _context(request)
+    settings = ctx.settings
+    upload: _Upload | None = None
+    try:
+        boundary = boundary_of(request.headers.get("content-type"))
+        body_limit = settings.max_file_size_bytes + form_allowance(settings)
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise BadRequestError("Content-Length must be a non-negative integer")
+            if int(declared) > body_limit:
+                # Refused before reading a byte of it.
+                raise PayloadTooLargeError(
+                    f"File is larger than the {settings.max_file_size_bytes / (1024 * 1024):g} MB limit"
+                )
+        upload = _Upload(ctx, await _authenticated_user(request, settings))
+        form = StreamingForm(boundary, field_limits=_field_limits(settings))
+        received = 0
+        async for chunk in request.stream():
+            # Counted whatever Content-Length claimed (or when it is absent: chunked bodies).
+            received += len(chunk)
+            if received > body_limit:
+                raise PayloadTooLargeError(
+                    f"File is larger than the {settings.max_file_size_bytes / (1024 * 1024):g} MB limit"
+                )
+            for event in form.feed(chunk):
+                if isinstance(event, FileData):
+                    await upload.on_file_data(event)
+                elif isinstance(event, Field):
+                    await upload.on_field(event)
+                elif isinstance(event, FileStart):
+                    await upload.on_file_start(event)
+                elif isinstance(event, FileEnd):
+                    await upload.on_file_end()
+        form.finish()
+        data = await upload.complete()
+    except InternalServerException:
+        # request.stream() raises this when the client goes away mid-body.
+        if upload is not None:
+            await upload.discard()
+        return _failure(400, "the upload was interrupted before the body was complete")
+    except AppError as exc:
+        if upload is not None:
+            await upload.discard()
+        status = exc.status_code if exc.status_code < 500 else 503
+        message = exc.message if exc.status_code < 500 else "file storage is unavailable, try again later"
+        if exc.status_code >= 500:
+            logger.warning("upload failed: %s", exc.message)
+        return _failure(status, message)
+    except BaseException:
+        if upload is not None:
+            await upload.discard()
+        raise
+    return Response({"message": UPLOAD_OK, "data": data}, status_code=202)
+
+
+def _content_disposition(original_name: str) -> str:
+    fallback = original_name.encode("ascii", errors="replace").decode("ascii").replace("?", "_")
+    fallback = fallback.replace('"', "_").replace("\\", "_")
+    return f"inline; filename=\"{fallback}\"; filename*=UTF-8''{quote(original_name, safe='')}"
+
+
+@get("/uploads/{file_name:str}")
+async def download_file(request: Request, file_name: str) -> Response[Any]:
+    ctx = _context(request)
+    if not _FILE_NAME.match(file_name):
+        return _failure(404, "File not found")
+    try:
+        authenticated = await _authenticated_user(request, ctx.settings)
+    except AppError as exc:
+        return _failure(exc.status_code, exc.message)
+    claimed = request.query_params.get("user_id")
+    owner = authenticated or claimed
+    params: dict[str, str]
+    if owner is None:
+        # The original UI links without a user: the unguessable name is the capability.
+        params = {"any_owner": "true"}
+    else:
+        try:
+            params = {"user_id": str(uuid.UUID(owner))}
+        except ValueError:
+            return _failure(404, "File not found")
+        if authenticated is not None and claimed and claimed != authenticated:
+            return _failure(404, "File not found")
+    stream = ctx.files.stream("GET", f"/v1/files/{file_name}/content", params=params)
+    try:
+        response = await stream.__aenter__()
+    except Exception as exc:  # connection refused, timeout: the files service is not there
+        logger.warning("download failed: %s", type(exc).__name__)
+        return _failure(503, "file storage is unavailable, try again later")
+    if response.status_code != 200:
+        status = response.status_code
+        await stream.__aexit__(None, None, None)
+        if status == 404 or status == 400:
+            return _failure(404, "File not found")
+        logger.warning("files service answered %s to a download", status)
+        return _failure(503, "file storage is unavailable, try again later")
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in response.aiter_raw():
+                yield chunk
+        finally:
+            await stream.__aexit__(None, None, None)
+
+    headers = {
+        "x-content-type-options": "nosniff",
+        "cache-control": "private, max-age=3600",
+    }
+    if length := response.headers.get("content-length"):
+        headers["content-length"] = length
+    original = response.headers.get("x-file-original-name")
+    if original:
+        headers["content-disposition"] = _content_disposition(unquote(original))
+    return Stream(body(), media_type=response.headers.get("content-type", "application/octet-stream"), headers=headers)
+
+
+upload_routes = [upload_file, download_file]

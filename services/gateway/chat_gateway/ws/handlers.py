@@ -1,2 +1,255 @@
-"""The /ws protocol endpoint (being built: issue 3)."""
-websocket_routes: list = []
+"""``GET /ws``: the Chat-UI protocol (PROTOCOL.md sections 1 and 2).
+
+The receive loop only reads and decodes frames; every request becomes a job on the dispatcher
+queue of its type, so a chat turn in progress never delays a session list, and replies of one
+type leave in request order. Chat turns and deletions run as tasks of their own, shielded from
+the socket: a client that hangs up mid-turn does not cancel the durable part.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from litestar import WebSocket, websocket
+from litestar.datastructures import State
+from litestar.exceptions import WebSocketDisconnect
+
+from chat_common.errors import AppError, BadRequestError, NotFoundError
+from chat_common.logging import request_id_var
+from chat_gateway.auth import AuthenticationError, authenticate_websocket, effective_user_id
+from chat_gateway.chat.context_cache import ContextCache
+from chat_gateway.chat.turn import TurnRunner
+from chat_gateway.context import GatewayContext
+from chat_gateway.ws.dispatcher import Dispatcher
+from chat_gateway.ws.metrics import CHAT_ERRORS, CHAT_OPEN_SOCKETS, CHAT_TURN_SECONDS, CHAT_TURNS
+from chat_gateway.ws.protocol import (
+    REQUEST_TYPES,
+    ChatRequest,
+    ErrorCode,
+    MessageType,
+    ProtocolError,
+    SessionRequest,
+    UserRequest,
+    decode_frame,
+    encode_error,
+    encode_reply,
+    is_uuid,
+)
+
+logger = logging.getLogger(__name__)
+
+SESSION_PAGE = 500
+MAX_SESSION_PAGES = 40  # 20,000 sessions: past that a client gets the newest ones
+WS_POLICY_VIOLATION = 1008
+
+
+def turn_runner(state: State, gateway: GatewayContext) -> TurnRunner:
+    """One runner per process (it remembers AI capabilities and owns background tasks)."""
+    runner = getattr(state, "turn_runner", None)
+    if runner is None or runner.gw is not gateway:
+        runner = TurnRunner(gateway)
+        state.turn_runner = runner
+    return runner
+
+
+def error_frame(error: ProtocolError, message_type: int | None) -> bytes:
+    CHAT_ERRORS.labels(str(int(error.code))).inc()
+    return encode_error(error, message_type)
+
+
+class SocketSession:
+    """One connected socket."""
+
+    def __init__(self, socket: WebSocket, gateway: GatewayContext, runner: TurnRunner, authenticated: str | None) -> None:
+        self.socket = socket
+        self.gw = gateway
+        self.runner = runner
+        self.authenticated = authenticated
+        self.dispatcher = Dispatcher(self._send)
+        self.handlers: dict[int, Callable[[Any, str], Awaitable[dict[str, Any]]]] = {
+            MessageType.USER_DETAILS: self.user_details,
+            MessageType.LIST_SESSIONS: self.list_sessions,
+            MessageType.SESSION_CHATS: self.session_chats,
+            MessageType.CHAT_MESSAGE: self.chat_message,
+            MessageType.DELETE_SESSION: self.delete_session,
+            MessageType.LIST_MODELS: self.list_models,
+            MessageType.BALANCE: self.balance,
+        }
+
+    async def _send(self, frame: bytes) -> None:
+        await self.socket.send({"type": "websocket.send", "text": frame.decode()})
+
+    async def serve(self) -> None:
+        settings = self.gw.settings
+        try:
+            while True:
+                message = await self.socket.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                if message["type"] != "websocket.receive":
+                    continue
+                raw = message.get("text")
+                if raw is None:
+                    raw = message.get("bytes") or b""
+                frame = decode_frame(raw, settings)
+                if frame.type is None or frame.type not in REQUEST_TYPES:
+                    # unreadable or unknown: no queue to keep order with, answer at once
+                    assert frame.error is not None
+                    await self.dispatcher.reply_now(error_frame(frame.error, frame.type))
+                    continue
+                await self.dispatcher.submit(frame.type, self._job(frame.type, frame.request, frame.error))
+        except WebSocketDisconnect:
+            return
+        finally:
+            await self.dispatcher.close()
+
+    def _job(self, message_type: int, request: Any, error: ProtocolError | None) -> Callable[[], Awaitable[bytes]]:
+        async def job() -> bytes:
+            if error is not None:
+                return error_frame(error, message_type)
+            request_id_var.set(uuid.uuid4().hex)
+            try:
+                user_id = effective_user_id(self.authenticated, request.user_id)
+                data = await self.handlers[message_type](request, user_id)
+            except ProtocolError as exc:
+                return error_frame(exc, message_type)
+            except Exception:
+                logger.exception("request of type %s failed", message_type)
+                return error_frame(ProtocolError(ErrorCode.INTERNAL), message_type)
+            try:
+                return encode_reply(message_type, data)
+            except (TypeError, msgspec.EncodeError):
+                logger.exception("reply of type %s could not be encoded", message_type)
+                return error_frame(ProtocolError(ErrorCode.JSON_MARSHAL), message_type)
+
+        return job
+
+    async def _durable(self, coro: Awaitable[Any]) -> Any:
+        """Run ``coro`` to its end even if this socket's worker is cancelled (client gone)."""
+        task = self.runner.spawn(coro)
+        return await asyncio.shield(task)
+
+    # -- the message types --------------------------------------------------------------------
+
+    async def user_details(self, request: UserRequest, user_id: str) -> dict[str, Any]:
+        user = await self._billing("/v1/users/{}", user_id, ErrorCode.INTERNAL)
+        return {"user_id": user_id, "username": user.get("username", "")}
+
+    async def list_sessions(self, request: UserRequest, user_id: str) -> dict[str, Any]:
+        if not is_uuid(user_id):
+            raise ProtocolError(ErrorCode.USER_NOT_FOUND)
+        info: list[dict[str, str]] = []
+        offset = 0
+        try:
+            for _ in range(MAX_SESSION_PAGES):
+                page = await self.gw.sessions.get(
+                    "/v1/sessions", params={"user_id": user_id, "limit": SESSION_PAGE, "offset": offset}
+                )
+                items = page.get("items") or []
+                info.extend({"session_id": s["session_id"], "session_name": s.get("session_name", "")} for s in items)
+                offset += len(items)
+                if not items or offset >= int(page.get("total", 0)):
+                    break
+        except AppError as exc:
+            logger.error("could not list sessions: %s", exc.message)
+            raise ProtocolError(ErrorCode.INTERNAL) from None
+        return {"user_id": user_id, "session_info": info}
+
+    async def session_chats(self, request: SessionRequest, user_id: str) -> dict[str, Any]:
+        if not is_uuid(user_id):
+            raise ProtocolError(ErrorCode.LOAD_CHATS)
+        try:
+            payload = await self.gw.sessions.get(
+                f"/v1/sessions/{request.session_id}/entries", params={"user_id": user_id}
+            )
+        except AppError as exc:
+            if not isinstance(exc, (NotFoundError, BadRequestError)):
+                logger.error("could not load chats: %s", exc.message)
+            raise ProtocolError(ErrorCode.LOAD_CHATS) from None
+        chat = [{"role": e["role"], "content": e["content"]} for e in payload.get("items") or []]
+        return {"user_id": user_id, "session_id": request.session_id, "chat": msgspec.json.encode(chat).decode()}
+
+    async def chat_message(self, request: ChatRequest, user_id: str) -> dict[str, Any]:
+        return await self._durable(measured_turn(self.runner, request, user_id))
+
+    async def delete_session(self, request: SessionRequest, user_id: str) -> dict[str, Any]:
+        if not is_uuid(user_id):
+            raise ProtocolError(ErrorCode.DELETE_SESSION)
+        return await self._durable(delete_session(self.gw, self.runner.cache, request.session_id, user_id))
+
+    async def list_models(self, request: UserRequest, user_id: str) -> dict[str, Any]:
+        payload = await self._billing("/v1/users/{}/models", user_id, ErrorCode.MODEL_LIST)
+        return {"models": sorted(m["name"] for m in payload.get("models") or [])}
+
+    async def balance(self, request: UserRequest, user_id: str) -> dict[str, Any]:
+        payload = await self._billing("/v1/users/{}/balance", user_id, ErrorCode.BALANCE_DETAILS)
+        return {"balance": float(payload["balance"])}
+
+    async def _billing(self, path: str, user_id: str, failure: ErrorCode) -> dict[str, Any]:
+        if not is_uuid(user_id):
+            raise ProtocolError(ErrorCode.USER_NOT_FOUND)
+        try:
+            return await self.gw.billing.get(path.format(user_id))
+        except (NotFoundError, BadRequestError):
+            raise ProtocolError(ErrorCode.USER_NOT_FOUND) from None
+        except AppError as exc:
+            logger.error("billing call failed: %s", exc.message)
+            raise ProtocolError(failure) from None
+
+
+async def measured_turn(runner: TurnRunner, request: ChatRequest, user_id: str) -> dict[str, Any]:
+    started = time.perf_counter()
+    outcome = "ok"
+    try:
+        return await runner.run(request, user_id)
+    except ProtocolError as exc:
+        outcome = f"error_{int(exc.code)}"
+        raise
+    except BaseException:
+        outcome = "error_14"
+        raise
+    finally:
+        CHAT_TURNS.labels(outcome).inc()
+        CHAT_TURN_SECONDS.observe(time.perf_counter() - started)
+
+
+async def delete_session(gw: GatewayContext, cache: ContextCache, session_id: str, user_id: str) -> dict[str, Any]:
+    try:
+        await gw.sessions.delete(f"/v1/sessions/{session_id}", params={"user_id": user_id})
+    except AppError as exc:
+        if not isinstance(exc, (NotFoundError, BadRequestError)):
+            logger.error("could not delete session: %s", exc.message)
+        raise ProtocolError(ErrorCode.DELETE_SESSION) from None
+    try:
+        await gw.files.delete(f"/v1/sessions/{session_id}/files", params={"user_id": user_id})
+    except AppError as exc:
+        # the session is gone; the files service's orphan sweep removes what is left
+        logger.warning("could not delete the session's files: %s", exc.message)
+    await cache.invalidate(session_id)
+    return {"user_id": user_id}
+
+
+@websocket("/ws")
+async def chat_socket(socket: WebSocket) -> None:
+    gateway: GatewayContext = socket.app.state.gateway
+    try:
+        authenticated = await authenticate_websocket(socket, gateway.settings)
+    except AuthenticationError as exc:
+        logger.warning("socket refused: %s", exc)
+        await socket.close(code=WS_POLICY_VIOLATION, reason="authentication failed")
+        return
+    await socket.accept()
+    session = SocketSession(socket, gateway, turn_runner(socket.app.state, gateway), authenticated)
+    CHAT_OPEN_SOCKETS.inc()
+    try:
+        await session.serve()
+    finally:
+        CHAT_OPEN_SOCKETS.dec()
+
+
+websocket_routes = [chat_socket]
