@@ -1,0 +1,225 @@
+"""Chat turns per second through the whole system, next to a bare WebSocket echo.
+
+    python bench/turns.py [--sockets 32] [--seconds 20]
+    python bench/turns.py --ws-url ws://127.0.0.1:8000/ws --user-id <uuid>   # a running stack
+
+Without ``--ws-url`` it starts its own stack with devstack (PostgreSQL, Redis, S3 and the five
+services as processes, the offline AI), one user per socket. Each socket sends full type-3 turns
+back to back (first "NEW", then on its own session, so windows fill and summaries are folded),
+without think time. Then the same sockets drive a bare Litestar WebSocket echo under uvicorn on
+this machine: the ceiling any WebSocket service here has, and the ratio shows what a turn costs.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import websockets
+
+ECHO_APP = textwrap.dedent(
+    """
+    from litestar import Litestar, WebSocket, websocket
+
+    @websocket("/ws")
+    async def echo(socket: WebSocket) -> None:
+        await socket.accept()
+        while True:
+            message = await socket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            await socket.send({"type": "websocket.send", "text": message.get("text") or ""})
+
+    app = Litestar([echo])
+    """
+)
+
+
+@dataclass
+class Run:
+    name: str
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    first_error: str = ""
+
+    @property
+    def rate(self) -> float:
+        return len(self.latencies) / self.seconds if self.seconds else 0.0
+
+    def percentile(self, p: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] * 1000
+
+    def row(self) -> str:
+        return (
+            f"{self.name:<22} {len(self.latencies):>8} {self.rate:>10.1f} "
+            f"{self.percentile(50):>9.2f} {self.percentile(99):>9.2f} {self.errors:>7}"
+        )
+
+
+async def drive(name: str, url: str, sockets: int, seconds: float, frames: list[object]) -> Run:
+    """``sockets`` clients, each sending the next request as soon as the last was answered.
+
+    ``frames[i]`` is the payload factory of socket ``i``: called with the previous reply (or None)
+    it returns the next frame to send.
+    """
+    run = Run(name)
+    deadline = 0.0
+
+    async def client(make_frame) -> None:  # type: ignore[no-untyped-def]
+        async with websockets.connect(url, max_size=None, open_timeout=30) as socket:
+            await start.wait()
+            reply = None
+            while time.perf_counter() < deadline:
+                frame = make_frame(reply)
+                sent = time.perf_counter()
+                await socket.send(frame)
+                raw = await socket.recv()
+                run.latencies.append(time.perf_counter() - sent)
+                reply = json.loads(raw) if raw.startswith("{") else raw
+                if isinstance(reply, dict) and "error" in reply:
+                    run.errors += 1
+                    run.first_error = run.first_error or str(reply)
+                    run.latencies.pop()
+
+    start = asyncio.Event()
+    tasks = [asyncio.create_task(client(frames[i])) for i in range(sockets)]
+    await asyncio.sleep(0.5)  # let every socket connect before the clock starts
+    began = time.perf_counter()
+    deadline = began + seconds
+    start.set()
+    await asyncio.gather(*tasks)
+    run.seconds = time.perf_counter() - began
+    return run
+
+
+def turn_frames(user_ids: list[str], model: str) -> list[object]:
+    def factory(user_id: str):  # type: ignore[no-untyped-def]
+        state = {"session": "NEW", "n": 0}
+
+        def make(reply: object) -> str:
+            if isinstance(reply, dict) and "data" in reply:
+                state["session"] = reply["data"]["session_id"]
+            state["n"] += 1
+            return json.dumps(
+                {
+                    "type": 3,
+                    "data": {
+                        "user_id": user_id,
+                        "session_id": state["session"],
+                        "model_name": model,
+                        "message": f"benchmark question number {state['n']}: what changed since the last one?",
+                        "session_prompt": "You are a benchmark.",
+                        "file_name": "",
+                    },
+                }
+            )
+
+        return make
+
+    return [factory(u) for u in user_ids]
+
+
+def echo_frames(sockets: int) -> list[object]:
+    payload = json.dumps({"type": 6, "data": {"user_id": "00000000-0000-0000-0000-000000000000"}})
+    return [lambda _reply: payload for _ in range(sockets)]
+
+
+def start_echo(port: int, work: Path) -> subprocess.Popen:
+    app_dir = work / "echo"
+    app_dir.mkdir(parents=True, exist_ok=True)
+    (app_dir / "bench_echo.py").write_text(ECHO_APP)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "bench_echo:app", "--host", "127.0.0.1", "--port", str(port),
+         "--log-level", "warning", "--no-access-log"],
+        cwd=app_dir, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )
+    from devstack.servers import wait_for_port
+
+    wait_for_port(port, 30, process)
+    return process
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sockets", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--model", default="llama3.1:8b")
+    parser.add_argument("--ws-url", help="a running gateway; default: start a stack here")
+    parser.add_argument("--user-id", action="append", default=[], help="with --ws-url: user(s) to chat as")
+    parser.add_argument("--log-level", default="WARNING", help="LOG_LEVEL of the stack this starts")
+    args = parser.parse_args()
+
+    from devstack.servers import free_port, stop_process
+
+    work = Path(tempfile.mkdtemp(prefix="bench-turns-"))
+    stack = None
+    echo = None
+    try:
+        if args.ws_url:
+            if not args.user_id:
+                parser.error("--ws-url needs at least one --user-id (a user entitled to --model, with balance)")
+            url = args.ws_url
+            users = [args.user_id[i % len(args.user_id)] for i in range(args.sockets)]
+        else:
+            try:
+                from devstack.stack import Ports, Stack, wait_ready
+            except ImportError:
+                parser.error("devstack.stack is not available: give --ws-url and --user-id of a running stack")
+
+            print("starting a stack (PostgreSQL, Redis, S3, five services) ...", flush=True)
+            stack = Stack(
+                work / "stack", ports=Ports.free(), durable=False,
+                env={
+                    "AI_PROVIDER": "offline",
+                    "LOG_LEVEL": args.log_level,
+                    "RATE_LIMIT_REQUESTS": "100000000",
+                    "MAX_SOCKETS_PER_USER": "100000",
+                },
+            )
+            stack.start()
+            wait_ready(stack.gateway_url, 60)
+            url = stack.ws_url
+            users = [stack.create_user(f"bench-{i}", [0, 1, 2, 3, 4, 5, 6, 7, 8], 1_000_000.0)
+                     for i in range(args.sockets)]
+
+        print(f"{args.sockets} sockets, {args.seconds:.0f} s each run, no think time", flush=True)
+        turns = asyncio.run(drive("chat turn (type 3)", url, args.sockets, args.seconds,
+                                  turn_frames(users, args.model)))
+
+        echo_port = free_port()
+        echo = start_echo(echo_port, work)
+        bare = asyncio.run(drive("bare Litestar echo", f"ws://127.0.0.1:{echo_port}/ws", args.sockets,
+                                 args.seconds, echo_frames(args.sockets)))
+    finally:
+        if echo is not None:
+            stop_process(echo)
+        if stack is not None:
+            stack.stop()
+
+    print()
+    print(f"{'':<22} {'replies':>8} {'per s':>10} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}")
+    print(turns.row())
+    print(bare.row())
+    if turns.rate and bare.rate:
+        print(f"\nturns/s are {turns.rate / bare.rate:.4f} of bare echoes/s (1 turn costs "
+              f"{bare.rate / turns.rate:.0f} echoes); p50 {turns.percentile(50) / bare.percentile(50):.0f}x")
+    if turns.first_error:
+        print(f"first error: {turns.first_error}")
+    print(f"cores: {os.cpu_count()}")
+    return 0 if turns.latencies and not turns.errors else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""The wire format of ``/ws``: request Structs per message type, the error codes, and turning a
+raw frame into a validated request (or a :class:`ProtocolError` carrying the reply).
+
+Codes 0-16 and their strings are the original backend's (PROTOCOL.md section 2) and must stay
+byte-for-byte the same: the original UI only looks for the ``error`` key, but other clients match
+on the text. Codes from 100 up are ours; ``docs/protocol-errors.md`` lists them.
+"""
+from __future__ import annotations
+
+import re
+import uuid
+from enum import IntEnum
+from typing import Any
+
+import msgspec
+
+from chat_gateway.settings import GatewaySettings
+
+
+class MessageType(IntEnum):
+    USER_DETAILS = 0
+    LIST_SESSIONS = 1
+    SESSION_CHATS = 2
+    CHAT_MESSAGE = 3
+    DELETE_SESSION = 4
+    LIST_MODELS = 5
+    BALANCE = 6
+
+
+class ErrorCode(IntEnum):
+    JSON_PARSING = 0
+    UNKNOWN_MESSAGE = 1
+    JSON_MARSHAL = 2
+    USER_NOT_FOUND = 3
+    CREATE_SESSION = 4
+    LOAD_SESSION = 5
+    AI_RESPONSE = 6
+    MODEL_ACCESS = 7
+    LOAD_CHATS = 9
+    DELETE_SESSION = 10
+    MODEL_LIST = 11
+    INTERNAL = 14
+    INSUFFICIENT_BALANCE = 15
+    BALANCE_DETAILS = 16
+    # ours (PROTOCOL.md: new failure kinds get codes from 100 up)
+    INVALID_FRAME = 100
+    MISSING_FIELD = 101
+    WRONG_FIELD_TYPE = 102
+    INVALID_VALUE = 103
+    FILE_NOT_FOUND = 104
+    FIELD_TOO_LONG = 105
+    USER_MISMATCH = 106
+    SESSION_BUSY = 107
+
+
+# The original strings, verbatim (including "Does Not Exists").
+ORIGINAL_MESSAGES: dict[ErrorCode, str] = {
+    ErrorCode.JSON_PARSING: "JSON Parsing Error",
+    ErrorCode.UNKNOWN_MESSAGE: "Unknown Message",
+    ErrorCode.JSON_MARSHAL: "JSON Marshal Error",
+    ErrorCode.USER_NOT_FOUND: "User Does Not Exists",
+    ErrorCode.CREATE_SESSION: "Unable to Create Session",
+    ErrorCode.LOAD_SESSION: "Unable to Load Session",
+    ErrorCode.AI_RESPONSE: "Unable to Receive Response To Query",
+    ErrorCode.MODEL_ACCESS: "User Does Not Have Model Access",
+    ErrorCode.LOAD_CHATS: "Unable to Load Chats",
+    ErrorCode.DELETE_SESSION: "Unable to Delete Session",
+    ErrorCode.MODEL_LIST: "Unable to Generate AI Model List",
+    ErrorCode.INTERNAL: "Internal Server Error",
+    ErrorCode.INSUFFICIENT_BALANCE: "Insufficient balance",
+    ErrorCode.BALANCE_DETAILS: "Unable to get balance details",
+}
+
+# Defaults for our codes; most replies carry a more specific text naming the field.
+DEFAULT_MESSAGES: dict[ErrorCode, str] = {
+    **ORIGINAL_MESSAGES,
+    ErrorCode.INVALID_FRAME: "Invalid request: expected {\"type\": <int>, \"data\": {...}}",
+    ErrorCode.MISSING_FIELD: "Missing required field",
+    ErrorCode.WRONG_FIELD_TYPE: "Field has the wrong type",
+    ErrorCode.INVALID_VALUE: "Field has an invalid value",
+    ErrorCode.FILE_NOT_FOUND: "File not found",
+    ErrorCode.FIELD_TOO_LONG: "Field is too long",
+    ErrorCode.USER_MISMATCH: "user_id does not match the authenticated user",
+    ErrorCode.SESSION_BUSY: "Session is busy with another message; try again",
+}
+
+
+class ProtocolError(Exception):
+    """An error reply. Raised anywhere below a handler; the dispatcher turns it into a frame."""
+
+    def __init__(self, code: ErrorCode, message: str | None = None) -> None:
+        self.code = ErrorCode(code)
+        if self.code in ORIGINAL_MESSAGES:
+            # the original strings are the contract: never reworded
+            message = ORIGINAL_MESSAGES[self.code]
+        self.message = message or DEFAULT_MESSAGES[self.code]
+        super().__init__(self.message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Structs. ``user_id`` is optional on the wire so that an authenticated socket may omit it; the
+# handlers resolve it through ``auth.effective_user_id``, which insists on it when unauthenticated.
+
+
+class Envelope(msgspec.Struct):
+    type: int
+    data: msgspec.Raw = msgspec.Raw(b"{}")
+
+
+class UserRequest(msgspec.Struct):
+    user_id: str | None = None
+
+
+class SessionRequest(msgspec.Struct):
+    session_id: str
+    user_id: str | None = None
+
+
+class ChatRequest(msgspec.Struct):
+    session_id: str
+    message: str
+    user_id: str | None = None
+    model_name: str | None = None
+    model_id: int | None = None
+    # None (absent) keeps the session's stored prompt; "" sets it empty.
+    session_prompt: str | None = None
+    file_name: str | None = None
+
+    @property
+    def is_new(self) -> bool:
+        return self.session_id == NEW_SESSION
+
+
+REQUEST_TYPES: dict[int, type[msgspec.Struct]] = {
+    MessageType.USER_DETAILS: UserRequest,
+    MessageType.LIST_SESSIONS: UserRequest,
+    MessageType.SESSION_CHATS: SessionRequest,
+    MessageType.CHAT_MESSAGE: ChatRequest,
+    MessageType.DELETE_SESSION: SessionRequest,
+    MessageType.LIST_MODELS: UserRequest,
+    MessageType.BALANCE: UserRequest,
+}
+
+NEW_SESSION = "NEW"
+MAX_USER_ID_CHARS = 128
+MAX_MODEL_NAME_CHARS = 200
+MAX_MODEL_ID = 2**31 - 1
+
+_TYPE_NAMES = {
+    "str": "a string",
+    "int": "an integer",
+    "int | null": "an integer",
+    "str | null": "a string",
+    "object": "an object",
+}
+_MISSING_RE = re.compile(r"Object missing required field `(?P<field>[^`]+)`(?: - at `\$(?P<path>[^`]*)`)?")
+_EXPECTED_RE = re.compile(r"Expected `(?P<expected>[^`]+)`, got `(?P<got>[^`]+)`(?: - at `\$(?P<path>[^`]*)`)?")
+
+
+def _field_path(prefix: str, path: str | None, field: str | None = None) -> str:
+    parts = [prefix] if prefix else []
+    if path:
+        parts.append(path.lstrip("."))
+    if field:
+        parts.append(field)
+    return ".".join(p for p in parts if p) or prefix or "request"
+
+
+def validation_error(exc: msgspec.ValidationError, prefix: str) -> ProtocolError:
+    """msgspec's message rewritten to name the field the way a client sends it."""
+    text = str(exc)
+    if match := _MISSING_RE.match(text):
+        field = _field_path(prefix, match.group("path"), match.group("field"))
+        return ProtocolError(ErrorCode.MISSING_FIELD, f"Missing required field `{field}`")
+    if match := _EXPECTED_RE.match(text):
+        expected = match.group("expected")
+        path = match.group("path")
+        field = _field_path(prefix, path)
+        if not path and prefix == "data":
+            return ProtocolError(
+                ErrorCode.INVALID_FRAME, f"Invalid request: `data` must be an object, got {match.group('got')}"
+            )
+        if not path and not prefix:
+            return ProtocolError(
+                ErrorCode.INVALID_FRAME, f"Invalid request: expected a JSON object, got {match.group('got')}"
+            )
+        if field == "type":
+            return ProtocolError(ErrorCode.INVALID_FRAME, f"Invalid request: `type` must be an integer, got {match.group('got')}")
+        want = _TYPE_NAMES.get(expected, f"of type {expected}")
+        return ProtocolError(
+            ErrorCode.WRONG_FIELD_TYPE, f"Field `{field}` must be {want}, got {match.group('got')}"
+        )
+    return ProtocolError(ErrorCode.INVALID_VALUE, f"Invalid request: {text}")
+
+
+class Frame(msgspec.Struct):
+    """A decoded frame: its type (None when it could not be read) and the validated request."""
+
+    type: int | None
+    request: Any = None
+    error: ProtocolError | None = None
+
+
+def decode_frame(raw: str | bytes, settings: GatewaySettings) -> Frame:
+    """Never raises: every failure becomes ``Frame.error`` with the code the reply carries."""
+    try:
+        envelope = msgspec.json.decode(raw, type=Envelope)
+    except msgspec.ValidationError as exc:
+        return Frame(type=None, error=validation_error(exc, ""))
+    except msgspec.DecodeError:
+        return Frame(type=None, error=ProtocolError(ErrorCode.JSON_PARSING))
+    request_type = REQUEST_TYPES.get(envelope.type)
+    if request_type is None:
+        return Frame(type=envelope.type, error=ProtocolError(ErrorCode.UNKNOWN_MESSAGE))
+    try:
+        request = msgspec.json.decode(envelope.data, type=request_type)
+        validate_request(request, settings)
+    except msgspec.ValidationError as exc:
+        return Frame(type=envelope.type, error=validation_error(exc, "data"))
+    except msgspec.DecodeError:  # pragma: no cover - the envelope already parsed the whole text
+        return Frame(type=envelope.type, error=ProtocolError(ErrorCode.JSON_PARSING))
+    except ProtocolError as exc:
+        return Frame(type=envelope.type, error=exc)
+    return Frame(type=envelope.type, request=request)
+
+
+# ---------------------------------------------------------------------------------------------
+# Value checks msgspec cannot express with settings known only at run time.
+
+
+def _check_text(name: str, value: str, limit: int, *, allow_blank: bool) -> None:
+    if not allow_blank and not value.strip():
+        raise ProtocolError(ErrorCode.INVALID_VALUE, f"Field `data.{name}` must not be empty")
+    if len(value) > limit:
+        raise ProtocolError(
+            ErrorCode.FIELD_TOO_LONG, f"Field `data.{name}` is too long: {len(value)} characters, at most {limit}"
+        )
+    if "\x00" in value:
+        # PostgreSQL text cannot hold NUL; refusing here beats a 500 from the sessions service
+        raise ProtocolError(ErrorCode.INVALID_VALUE, f"Field `data.{name}` must not contain NUL characters")
+
+
+def is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except (ValueError, AttributeError, TypeError):
+        return False
+    return True
+
+
+def normalize_uuid(value: str) -> str:
+    return str(uuid.UUID(value))
+
+
+def _check_session_id(value: str, *, allow_new: bool) -> str:
+    if allow_new and value == NEW_SESSION:
+        return value
+    if not is_uuid(value):
+        allowed = 'a UUID or "NEW"' if allow_new else "a UUID"
+        raise ProtocolError(ErrorCode.INVALID_VALUE, f"Field `data.session_id` must be {allowed}")
+    return normalize_uuid(value)
+
+
+def validate_request(request: msgspec.Struct, settings: GatewaySettings) -> None:
+    user_id = getattr(request, "user_id", None)
+    if user_id is not None:
+        _check_text("user_id", user_id, MAX_USER_ID_CHARS, allow_blank=False)
+    if isinstance(request, SessionRequest):
+        request.session_id = _check_session_id(request.session_id, allow_new=False)
+    elif isinstance(request, ChatRequest):
+        request.session_id = _check_session_id(request.session_id, allow_new=True)
+        _check_text("message", request.message, settings.max_message_chars, allow_blank=False)
+        if request.session_prompt is not None:
+            _check_text("session_prompt", request.session_prompt, settings.max_prompt_chars, allow_blank=True)
+        if request.file_name:
+            _check_text("file_name", request.file_name, settings.max_file_name_chars, allow_blank=False)
+        else:
+            request.file_name = None
+        if request.model_name:
+            _check_text("model_name", request.model_name, MAX_MODEL_NAME_CHARS, allow_blank=False)
+        else:
+            request.model_name = None
+            if request.model_id is None:
+                raise ProtocolError(
+                    ErrorCode.MISSING_FIELD, "Missing required field `data.model_name` (or `data.model_id`)"
+                )
+            if not 0 <= request.model_id <= MAX_MODEL_ID:
+                raise ProtocolError(ErrorCode.INVALID_VALUE, "Field `data.model_id` must be a model id (0 or more)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Replies
+
+
+def encode_reply(message_type: int, data: Any) -> bytes:
+    return msgspec.json.encode({"type": message_type, "data": data})
+
+
+def encode_error(error: ProtocolError, message_type: int | None) -> bytes:
+    return msgspec.json.encode({"error": error.message, "code": int(error.code), "type": message_type})
