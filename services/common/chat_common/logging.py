@@ -53,3 +53,6 @@ def configure_logging(service: str, level: str = "INFO") -> None:
         logger.handlers[:] = []
         logger.propagate = True
     logging.getLogger("uvicorn.access").setLevel("WARNING")
+    # One line per internal HTTP call drowns the useful lines and costs throughput.
+    for chatty in ("httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel("WARNING")
