@@ -1,0 +1,183 @@
+"""``chat-admin``: the billing admin API from a shell. Reads ``BILLING_URL`` and ``SERVICE_TOKEN``
+from the environment and prints each reply as JSON.
+
+    chat-admin create-user --username demo --models 4,5,8 --balance 1 [--user-id UUID]
+    chat-admin top-up --user-id UUID --amount 2.50
+    chat-admin ledger --user-id UUID --limit 20
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import uuid
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import msgspec
+
+from chat_common.client import ServiceClient
+from chat_common.errors import AppError
+from chat_common.settings import env_str, service_url
+
+# Dollars travel as JSON numbers written exactly as typed, never through a float.
+_BODY = msgspec.json.Encoder(decimal_format="number")
+
+
+def _dollars(text: str) -> Decimal:
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"not an amount of dollars: {text!r}") from None
+    if not value.is_finite():
+        raise argparse.ArgumentTypeError(f"not an amount of dollars: {text!r}")
+    return value
+
+
+def _model_ids(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"model ids must be integers separated by commas: {text!r}") from None
+
+
+def _user_id(text: str) -> str:
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a UUID: {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chat-admin", description="Administer billing: users, money, models.")
+    parser.add_argument("--url", default=None, help="billing base URL (default: BILLING_URL or http://127.0.0.1:8003)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    create = commands.add_parser("create-user", help="create a user (again with the same --user-id: no change)")
+    create.add_argument("--username", required=True)
+    create.add_argument("--models", type=_model_ids, default=[], help="entitled model ids, e.g. 4,5,8")
+    create.add_argument("--balance", type=_dollars, default=Decimal(0), help="starting balance in dollars")
+    create.add_argument("--user-id", type=_user_id, help="a stable id (the UI's configured user, say)")
+    create.add_argument("--idempotency-key")
+
+    show = commands.add_parser("user", help="show a user")
+    show.add_argument("--user-id", type=_user_id, required=True)
+
+    for name, verb in (("grant", "entitle a user to models"), ("revoke", "take models away from a user")):
+        change = commands.add_parser(name, help=verb)
+        change.add_argument("--user-id", type=_user_id, required=True)
+        change.add_argument("--models", type=_model_ids, required=True, help="model ids, e.g. 4,5")
+
+    for name, verb in (("top-up", "credit dollars to a user"), ("debit", "take dollars from a user")):
+        money = commands.add_parser(name, help=verb)
+        money.add_argument("--user-id", type=_user_id, required=True)
+        money.add_argument("--amount", type=_dollars, required=True, help="dollars")
+        money.add_argument("--reason")
+        money.add_argument("--idempotency-key", help="repeat a call safely (default: a new key)")
+
+    balance = commands.add_parser("balance", help="show a user's balance")
+    balance.add_argument("--user-id", type=_user_id, required=True)
+
+    ledger = commands.add_parser("ledger", help="a user's ledger, newest first")
+    ledger.add_argument("--user-id", type=_user_id, required=True)
+    ledger.add_argument("--limit", type=int, default=50)
+    ledger.add_argument("--offset", type=int, default=0)
+
+    commands.add_parser("models", help="the model catalogue")
+
+    set_model = commands.add_parser("set-model", help="create or replace a catalogue entry")
+    set_model.add_argument("--model-id", type=int, required=True)
+    set_model.add_argument("--name", required=True)
+    set_model.add_argument("--provider", required=True)
+    set_model.add_argument("--context-length", type=int, required=True)
+    set_model.add_argument("--input-price", type=_dollars, required=True, help="dollars per 1K input tokens")
+    set_model.add_argument("--output-price", type=_dollars, required=True, help="dollars per 1K output tokens")
+    set_model.add_argument("--inactive", action="store_true", help="keep it out of users' model lists")
+    return parser
+
+
+async def run(args: argparse.Namespace, client: ServiceClient) -> Any:
+    def new_key() -> str:
+        return f"chat-admin:{uuid.uuid4()}"
+
+    async def send(method: str, path: str, body: dict[str, Any]) -> Any:
+        return await client.request(
+            method, path, content=_BODY.encode(body), headers={"content-type": "application/json"}
+        )
+
+    command = args.command
+    if command == "create-user":
+        body: dict[str, Any] = {
+            "username": args.username,
+            "models": args.models,
+            "balance": args.balance,
+            "idempotency_key": args.idempotency_key or new_key(),
+        }
+        if args.user_id:
+            body["user_id"] = args.user_id
+        return await send("POST", "/v1/users", body)
+    if command == "user":
+        return await client.get(f"/v1/users/{args.user_id}")
+    if command in ("grant", "revoke"):
+        return await send(
+            "POST", f"/v1/users/{args.user_id}/models/{command}",
+            {"model_ids": args.models, "idempotency_key": new_key()},
+        )
+    if command in ("top-up", "debit"):
+        body = {"amount": args.amount, "idempotency_key": args.idempotency_key or new_key()}
+        if args.reason:
+            body["reason"] = args.reason
+        return await send("POST", f"/v1/users/{args.user_id}/{'credit' if command == 'top-up' else 'debit'}", body)
+    if command == "balance":
+        return await client.get(f"/v1/users/{args.user_id}/balance")
+    if command == "ledger":
+        return await client.get(
+            f"/v1/users/{args.user_id}/ledger", params={"limit": args.limit, "offset": args.offset}
+        )
+    if command == "models":
+        return await client.get("/v1/models")
+    if command == "set-model":
+        return await send(
+            "PUT", f"/v1/models/{args.model_id}",
+            {
+                "name": args.name,
+                "provider": args.provider,
+                "context_length": args.context_length,
+                "input_price_per_1k": args.input_price,
+                "output_price_per_1k": args.output_price,
+                "active": not args.inactive,
+            },
+        )
+    raise AssertionError(f"unhandled command {command}")  # argparse allows only the ones above
+
+
+def _print_json(value: Any, stream: Any) -> None:
+    stream.write(msgspec.json.format(msgspec.json.encode(value), indent=2).decode() + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    token = env_str("SERVICE_TOKEN")
+    if not token:
+        _print_json({"error": {"code": "unauthorized", "message": "SERVICE_TOKEN is not set"}}, sys.stderr)
+        return 2
+    base_url = args.url or service_url("billing", 8003)
+
+    async def call() -> Any:
+        client = ServiceClient("billing", base_url, token)
+        try:
+            return await run(args, client)
+        finally:
+            await client.aclose()
+
+    try:
+        reply = asyncio.run(call())
+    except AppError as error:
+        _print_json(error.to_body(), sys.stderr)
+        return 1
+    _print_json(reply, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

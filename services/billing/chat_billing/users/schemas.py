@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated
+
+import msgspec
+
+from chat_billing.inputs import IdempotencyKey, ModelId, ModelIdList, NonNegativeNanos, Username
+
+
+class CreateUserRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """``balance`` in dollars, or (addition) ``balance_nanos``; both optional, default zero."""
+
+    username: Username
+    models: ModelIdList = []
+    balance: Decimal | None = None
+    balance_nanos: NonNegativeNanos | None = None
+    user_id: uuid.UUID | None = None
+    idempotency_key: IdempotencyKey | None = None
+
+
+class ModelIdsRequest(msgspec.Struct, forbid_unknown_fields=True):
+    model_ids: Annotated[list[ModelId], msgspec.Meta(min_length=1, max_length=1000)]
+    idempotency_key: IdempotencyKey | None = None
+
+
+class UserReply(msgspec.Struct):
+    user_id: uuid.UUID
+    username: str
+    models: list[int]
+    balance: float
+    balance_nanos: int
+    created_at: datetime
