@@ -264,7 +264,7 @@ class TurnRunner:
             logger.exception("turn stored, but updating its summary and context failed")
         if marking is not None:
             await marking
-        await self._settle(reservation.reservation_id, cost + summary_cost, state.turn_id)
+        await self._settle(reservation.reservation_id, cost + summary_cost, state.turn_id, state.user_id)
         state.reservation_id = None
         if fresh is not None:
             await self.cache.store(fresh)
@@ -341,6 +341,7 @@ class TurnRunner:
             "input_tokens": estimate,
             "output_tokens": self.settings.reserve_output_tokens,
             "idempotency_key": f"reserve:{state.turn_id}",
+            "turn_id": state.turn_id,
         }
         if request.model_name:
             body["model_name"] = request.model_name
@@ -546,8 +547,13 @@ class TurnRunner:
         reply = await self._ai_call("process_summary", self.gw.ai.Process, fallback)
         return reply.response_text, _cost_nanos(reply)
 
-    async def _settle(self, reservation_id: str, cost_nanos: int, turn_id: str) -> None:
-        body = {"cost_nanos": cost_nanos, "idempotency_key": f"settle:{turn_id}", "turn_id": turn_id}
+    async def _settle(self, reservation_id: str, cost_nanos: int, turn_id: str, user_id: str) -> None:
+        body = {
+            "cost_nanos": cost_nanos,
+            "idempotency_key": f"settle:{turn_id}",
+            "turn_id": turn_id,
+            "user_id": user_id,
+        }
         path = f"/v1/reservations/{reservation_id}/settle"
         for attempt in range(3):
             try:
@@ -593,7 +599,7 @@ class TurnRunner:
             try:
                 await self.gw.billing.post(
                     f"/v1/reservations/{state.reservation_id}/release",
-                    json={"idempotency_key": f"release:{state.turn_id}"},
+                    json={"idempotency_key": f"release:{state.turn_id}", "user_id": state.user_id},
                 )
             except AppError as exc:
                 # billing's sweeper releases it when it expires
