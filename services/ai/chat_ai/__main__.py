@@ -10,6 +10,7 @@ import sys
 from chat_ai.server import start_server, stop_server
 from chat_ai.settings import AISettings
 from chat_common.logging import configure_logging
+from chat_common.tracing import configure_tracing, shutdown_tracing
 from chat_common.settings import env_str
 
 logger = logging.getLogger("chat_ai")
@@ -33,18 +34,21 @@ async def serve(settings: AISettings) -> None:
 
 
 def main() -> int:
-    configure_logging("ai", env_str("LOG_LEVEL", "INFO").upper())
     try:
+        configure_logging("ai", env_str("LOG_LEVEL", "INFO"))
         settings = AISettings.from_env()
     except ValueError as exc:
+        configure_logging("ai", "INFO")
         logger.error("invalid configuration: %s", exc)
         return 2
-    configure_logging("ai", settings.log_level)
+    configure_tracing("ai")
     try:
         asyncio.run(serve(settings))
     except OSError as exc:
         logger.error("cannot start: %s", exc)
         return 1
+    finally:
+        shutdown_tracing()
     return 0
 
 

@@ -26,6 +26,7 @@ from chat_ai.providers.base import (
 from chat_ai.settings import AISettings
 from chat_common.aiproto import ai_service_pb2, ai_service_pb2_grpc
 from chat_common.logging import request_id_var, turn_id_var
+from chat_common.tracing import start_span
 
 logger = logging.getLogger("chat_ai.service")
 
@@ -65,16 +66,12 @@ def summary_call(request: ai_service_pb2.SummaryRequest) -> SummaryCall:
 @contextlib.contextmanager
 def call_ids(context: grpc.aio.ServicerContext) -> Iterator[None]:
     """Puts the caller's ``x-request-id``/``x-turn-id`` into every log line of this call."""
-    request_id = turn_id = ""
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id" and isinstance(value, str):
-            request_id = value[:128]
-        elif key == "x-turn-id" and isinstance(value, str):
-            turn_id = value[:128]
-    request_token = request_id_var.set(request_id)
-    turn_token = turn_id_var.set(turn_id)
+    metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
+    request_token = request_id_var.set(metadata.get("x-request-id", "")[:128])
+    turn_token = turn_id_var.set(metadata.get("x-turn-id", "")[:128])
     try:
-        yield
+        with start_span("ai.call", metadata):
+            yield
     finally:
         request_id_var.reset(request_token)
         turn_id_var.reset(turn_token)

@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 
 from chat_common.errors import EXCEPTION_HANDLERS
 from chat_common.logging import request_id_var, turn_id_var
+from chat_common.tracing import configure_tracing, shutdown_tracing
 
 ReadinessCheck = Callable[[], Awaitable[object]]
 
@@ -144,6 +145,12 @@ class ServicePlugin(InitPluginProtocol):
         app_config.middleware.insert(
             0, lambda app: ContextMiddleware(app, plugin.name, plugin.service_token)
         )
+        if configure_tracing(self.name) is not None:
+            from litestar.plugins.opentelemetry import OpenTelemetryConfig
+
+            otel = OpenTelemetryConfig(exclude=["/health", "/ready", "/metrics"])
+            app_config.middleware.insert(0, otel.middleware)
+            app_config.on_shutdown.append(shutdown_tracing)
         return app_config
 
     async def check_readiness(self) -> dict[str, str]:

@@ -14,6 +14,7 @@ import msgspec
 from chat_common.app import REQUEST_ID_HEADER, SERVICE_TOKEN_HEADER, TURN_ID_HEADER
 from chat_common.errors import AppError, ServiceUnavailableError, UpstreamError, error_class_for
 from chat_common.logging import request_id_var, turn_id_var
+from chat_common.tracing import inject_context
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class ServiceClient:
             headers[TURN_ID_HEADER] = turn_id
         if extra:
             headers.update(extra)
+        inject_context(headers)
         return headers
 
     async def request(

@@ -42,6 +42,7 @@ from chat_common.errors import (
 )
 from chat_common.logging import request_id_var, turn_id_var
 from chat_common.money import dollars_to_nanos
+from chat_common.tracing import inject_context
 from chat_gateway.chat.context_cache import ContextCache, Entry, LockTimeout, SessionContext, SessionLock
 from chat_gateway.chat.naming import session_name
 from chat_gateway.context import GatewayContext
@@ -406,7 +407,9 @@ class TurnRunner:
         return str(signed["url"])
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("x-request-id", request_id_var.get() or ""), ("x-turn-id", turn_id_var.get() or ""))
+        carrier = {"x-request-id": request_id_var.get() or "", "x-turn-id": turn_id_var.get() or ""}
+        inject_context(carrier)
+        return tuple(carrier.items())
 
     async def _ai_call(self, rpc: str, method: Any, message: Any) -> pb.Response:
         started = time.perf_counter()
