@@ -21,6 +21,7 @@ from chat_billing.accounts.models import LedgerEntry
 from chat_billing.accounts.schemas import AmountRequest, BalanceReply, LedgerEntryReply, LedgerPage
 from chat_billing.db import Database
 from chat_billing.idempotency import fingerprint, run_once
+from chat_billing.metrics import LEDGER_OPERATIONS
 from chat_billing.inputs import MAX_MONEY_NANOS, money_in_nanos
 from chat_billing.reservations.models import Reservation
 from chat_billing.users.models import User
@@ -137,7 +138,10 @@ async def _write_ledger(
         .from_select(list(values), select(*values.values()).select_from(moved))
         .returning(*_LEDGER.c)
     )
-    return (await session.execute(statement)).first()
+    row = (await session.execute(statement)).first()
+    if row is not None:
+        LEDGER_OPERATIONS.labels(note.kind).inc()
+    return row
 
 
 async def user_exists(session: AsyncSession, user_id: uuid.UUID) -> bool:

@@ -26,11 +26,18 @@ from chat_billing.accounts.services import (
 from chat_billing.catalog.models import CatalogModel
 from chat_billing.db import Database
 from chat_billing.idempotency import fingerprint, run_once
+from chat_billing.metrics import RESERVATION_FAILURES
 from chat_billing.inputs import reject_nul_characters
 from chat_billing.reservations.models import Reservation
 from chat_billing.reservations.schemas import ReleaseRequest, ReservationReply, ReserveRequest, SettleRequest
 from chat_billing.users.models import Entitlement, User
-from chat_common.errors import BadRequestError, InsufficientBalanceError, ModelNotEntitledError, NotFoundError
+from chat_common.errors import (
+    AppError,
+    BadRequestError,
+    InsufficientBalanceError,
+    ModelNotEntitledError,
+    NotFoundError,
+)
 from chat_common.money import token_cost_nanos
 
 logger = logging.getLogger(__name__)
@@ -50,6 +57,13 @@ class ReservationService:
         self.default_ttl_seconds = default_ttl_seconds
 
     async def reserve(self, request: ReserveRequest) -> Any:
+        try:
+            return await self._reserve(request)
+        except AppError as exc:
+            RESERVATION_FAILURES.labels(exc.code).inc()
+            raise
+
+    async def _reserve(self, request: ReserveRequest) -> Any:
         if request.model_id is None and request.model_name is None:
             raise BadRequestError("model_id or model_name is required")
         ttl = timedelta(seconds=request.ttl_seconds or self.default_ttl_seconds)
