@@ -23,9 +23,8 @@ from chat_common.errors import (
     ForbiddenError,
     NotFoundError,
     PayloadTooLargeError,
-    ServiceUnavailableError,
-    UnauthorizedError,
 )
+from chat_gateway.auth import authenticate_http, same_user
 from chat_gateway.context import GatewayContext
 from chat_gateway.settings import GatewaySettings
 from chat_gateway.uploads.multipart import (
@@ -59,22 +58,9 @@ def _context(request: Request) -> GatewayContext:
     return request.app.state.gateway
 
 
-async def _authenticated_user(request: Request, settings: GatewaySettings) -> str | None:
-    """The user the request is authenticated as; None when authentication is off."""
-    if settings.auth_mode == "none":
-        return None
-    from chat_gateway import auth
-
-    hook = getattr(auth, "authenticate_request", None)
-    if hook is None:
-        # Fail closed: a configured mode this endpoint cannot check must not fall back to trust.
-        raise UnauthorizedError(f"AUTH_MODE={settings.auth_mode} is not supported for uploads yet")
-    return await hook(request, settings)
-
-
 def _parse_user_id(raw: str, authenticated: str | None) -> str:
     raw = raw.strip()
-    if authenticated is not None and raw and raw != authenticated:
+    if authenticated is not None and raw and not same_user(raw, authenticated):
         raise ForbiddenError("user_id does not match the authenticated user")
     value = raw or (authenticated or "")
     if not value:
@@ -112,30 +98,35 @@ class _Upload:
         self.fields: dict[str, str] = {}
         self.user_id = ""
         self.session_id = ""
-        self.owner_checked = False
+        self.user_checked = False
+        self.session_checked = False
         self.original_name = ""
         self.file_bytes = 0
         self.head: list[bytes] = []
         self.head_size = 0
         self.pipe: FilePipe | None = None
         self.stored: dict[str, Any] | None = None
+        self.created_session: str | None = None
 
     # -- checks ----------------------------------------------------------------------------------
 
-    async def check_owner(self) -> None:
-        """The user exists and, for an existing session, owns it."""
+    async def check_user(self) -> None:
         self.user_id = _parse_user_id(self.fields.get("user_id", ""), self.authenticated)
-        self.session_id = _parse_session_id(self.fields.get("session_id", ""))
         try:
             await self.ctx.billing.get(f"/v1/users/{self.user_id}")
         except NotFoundError as exc:
             raise NotFoundError(USER_NOT_FOUND) from exc
+        self.user_checked = True
+
+    async def check_session(self) -> None:
+        """The session is "NEW" or one of the user's own (another's is reported as missing)."""
+        self.session_id = _parse_session_id(self.fields.get("session_id", ""))
         if self.session_id != NEW_SESSION:
             try:
                 await self.ctx.sessions.get(f"/v1/sessions/{self.session_id}", params={"user_id": self.user_id})
             except NotFoundError as exc:
                 raise NotFoundError(SESSION_NOT_FOUND) from exc
-        self.owner_checked = True
+        self.session_checked = True
 
     # -- events ----------------------------------------------------------------------------------
 
@@ -148,10 +139,13 @@ class _Upload:
         if not event.filename.strip():
             raise BadRequestError("the file has no name")
         self.original_name = event.filename
-        # With the owner known before the file, a wrong user or session is refused before any
-        # byte of the file is sent on, and the quota is enforced while the file streams.
-        if "user_id" in self.fields and "session_id" in self.fields:
-            await self.check_owner()
+        # Fields sent before the file are checked before any byte of it is sent on: a wrong
+        # user or session is refused at once, and with the owner known the files service
+        # enforces the quota while the file streams. Fields sent after are checked at the end.
+        if "user_id" in self.fields or self.authenticated is not None:
+            await self.check_user()
+            if "session_id" in self.fields:
+                await self.check_session()
 
     async def on_file_data(self, event: FileData) -> None:
         self.file_bytes += len(event.data)
@@ -178,13 +172,13 @@ class _Upload:
         head = b"".join(self.head)
         self.head = []
         params: dict[str, str] = {"original_name": self.original_name}
-        if self.owner_checked:
+        if self.user_checked:
             params["user_id"] = self.user_id
         # A wrong type is refused on the file's first bytes, before the rest is sent on.
         await self.ctx.files.post(
             "/v1/uploads/check", params={**params, "complete": str(complete).lower()}, content=head[:HEAD_BYTES]
         )
-        if self.owner_checked and self.session_id != NEW_SESSION:
+        if self.session_checked and self.session_id != NEW_SESSION:
             params["session_id"] = self.session_id
         self.pipe = FilePipe(self.ctx.files, params)
         await self.pipe.write(head)
@@ -194,8 +188,10 @@ class _Upload:
     async def complete(self) -> dict[str, Any]:
         if self.stored is None:
             raise BadRequestError("missing field: file")
-        if not self.owner_checked:
-            await self.check_owner()
+        if not self.user_checked:
+            await self.check_user()
+        if not self.session_checked:
+            await self.check_session()
         file_name = self.stored["file_name"]
         session_id = self.session_id
         if session_id == NEW_SESSION:
@@ -203,6 +199,8 @@ class _Upload:
             if not model_name:
                 raise BadRequestError("missing field: model_name (needed to create a NEW session)")
             prompt = self.fields.get("session_prompt", "")
+            if len(prompt) > self.settings.max_prompt_chars:
+                raise BadRequestError(f"session_prompt is too long (at most {self.settings.max_prompt_chars} characters)")
             session = await self.ctx.sessions.post(
                 "/v1/sessions",
                 json={
@@ -214,6 +212,7 @@ class _Upload:
                 },
             )
             session_id = str(session["session_id"])
+            self.created_session = session_id
         if self.stored.get("session_id") != session_id:
             self.stored = await self.ctx.files.post(
                 f"/v1/files/{file_name}/attach",
@@ -235,12 +234,23 @@ class _Upload:
         if self.pipe is not None and self.stored is None:
             await self.pipe.abort()
         if self.stored is not None:
-            params = {"user_id": self.user_id} if self.owner_checked else {}
+            # Without a checked user only an upload staged with no owner can go (files API).
+            params = {"user_id": self.user_id} if self.user_checked else {}
             try:
                 await self.ctx.files.delete(f"/v1/files/{self.stored['file_name']}", params=params, retries=1)
+            except NotFoundError:
+                pass  # already gone (the files service drops an upload it refused to attach)
             except AppError as exc:
                 # The sweep removes a staged file nobody attached.
                 logger.warning("could not remove the file of a failed upload: %s", exc.message)
+        if self.created_session is not None:
+            # A "NEW" session made for a file that then could not be attached would be empty.
+            try:
+                await self.ctx.sessions.delete(
+                    f"/v1/sessions/{self.created_session}", params={"user_id": self.user_id}, retries=1
+                )
+            except AppError as exc:
+                logger.warning("could not remove the session of a failed upload: %s", exc.message)
 
 
 def _field_limits(settings: GatewaySettings) -> dict[str, int]:
@@ -263,6 +273,11 @@ async def upload_file(request: Request) -> Response[dict[str, Any]]:
     settings = ctx.settings
     upload: _Upload | None = None
     try:
+        # 401 for a missing or refused token, 503 when tokens cannot be checked right now.
+        authenticated = await authenticate_http(request, settings)
+    except AppError as exc:
+        return _failure(exc.status_code, exc.message)
+    try:
         boundary = boundary_of(request.headers.get("content-type"))
         body_limit = settings.max_file_size_bytes + form_allowance(settings)
         declared = request.headers.get("content-length")
@@ -274,7 +289,7 @@ async def upload_file(request: Request) -> Response[dict[str, Any]]:
                 raise PayloadTooLargeError(
                     f"File is larger than the {settings.max_file_size_bytes / (1024 * 1024):g} MB limit"
                 )
-        upload = _Upload(ctx, await _authenticated_user(request, settings))
+        upload = _Upload(ctx, authenticated)
         form = StreamingForm(boundary, field_limits=_field_limits(settings))
         received = 0
         async for chunk in request.stream():
@@ -321,13 +336,15 @@ def _content_disposition(original_name: str) -> str:
     return f"inline; filename=\"{fallback}\"; filename*=UTF-8''{quote(original_name, safe='')}"
 
 
-@get("/uploads/{file_name:str}")
+# ``path``: a name holding (encoded) slashes still reaches this handler and gets its 404 here.
+@get("/uploads/{file_name:path}")
 async def download_file(request: Request, file_name: str) -> Response[Any]:
     ctx = _context(request)
+    file_name = file_name.lstrip("/")
     if not _FILE_NAME.match(file_name):
         return _failure(404, "File not found")
     try:
-        authenticated = await _authenticated_user(request, ctx.settings)
+        authenticated = await authenticate_http(request, ctx.settings)
     except AppError as exc:
         return _failure(exc.status_code, exc.message)
     claimed = request.query_params.get("user_id")
@@ -337,11 +354,11 @@ async def download_file(request: Request, file_name: str) -> Response[Any]:
         # The original UI links without a user: the unguessable name is the capability.
         params = {"any_owner": "true"}
     else:
+        if authenticated is not None and claimed and not same_user(claimed, authenticated):
+            return _failure(404, "File not found")
         try:
             params = {"user_id": str(uuid.UUID(owner))}
         except ValueError:
-            return _failure(404, "File not found")
-        if authenticated is not None and claimed and claimed != authenticated:
             return _failure(404, "File not found")
     stream = ctx.files.stream("GET", f"/v1/files/{file_name}/content", params=params)
     try:
@@ -373,7 +390,11 @@ async def download_file(request: Request, file_name: str) -> Response[Any]:
     original = response.headers.get("x-file-original-name")
     if original:
         headers["content-disposition"] = _content_disposition(unquote(original))
-    return Stream(body(), media_type=response.headers.get("content-type", "application/octet-stream"), headers=headers)
+    media_type = response.headers.get("content-type", "application/octet-stream")
+    if media_type.startswith("text/"):
+        # Litestar appends "; charset=utf-8" to text/* itself; stored text is UTF-8.
+        media_type = media_type.split(";")[0]
+    return Stream(body(), media_type=media_type, headers=headers)
 
 
 upload_routes = [upload_file, download_file]

@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+from litestar import Litestar, Request, Response
+from litestar.di import Provide
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from chat_common.app import ServicePlugin
+from chat_common.db import make_engine, ping
+from chat_common.errors import (
+    BadRequestError,
+    ServiceUnavailableError,
+    app_error_handler,
+    unhandled_exception_handler,
+)
+from chat_files.files.controllers import FilesController
+from chat_files.files.services import FilesService
+from chat_files.files.storage import ObjectStorage, StorageError
+from chat_files.settings import FilesSettings
+
+logger = logging.getLogger(__name__)
+
+_UNAVAILABLE = (
+    OperationalError,
+    InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    ConnectionError,
+    asyncio.TimeoutError,
+    StorageError,
+)
+
+
+def _dependency_down(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, _UNAVAILABLE):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def unexpected_error_handler(request: Request, exc: Exception) -> Response:
+    # A database or bucket that is down is a 503 (the internal client retries those), not a
+    # 500 with a traceback.
+    if _dependency_down(exc):
+        logger.warning("dependency unavailable: %s: %s", type(exc).__name__, exc)
+        return app_error_handler(request, ServiceUnavailableError("database or object store unavailable"))
+    if isinstance(exc, UnicodeDecodeError):
+        return app_error_handler(request, BadRequestError("request body is not valid UTF-8"))
+    return unhandled_exception_handler(request, exc)
+
+
+async def _sweep_forever(service: FilesService, every: float) -> None:
+    while True:
+        await asyncio.sleep(every)
+        try:
+            result = await service.sweep()
+            if result.stale_removed or result.orphans_removed:
+                logger.info("file sweep", extra={"stale_removed": result.stale_removed, "orphans_removed": result.orphans_removed})
+        except Exception as exc:  # the next round tries again; a sweep failure is not fatal
+            logger.warning("file sweep failed: %s: %s", type(exc).__name__, exc)
+
+
+def create_app(settings: FilesSettings | None = None) -> Litestar:
+    settings = settings or FilesSettings.from_env()
+    engine = make_engine(settings.database_url, settings.db_schema)
+    storage = ObjectStorage(settings)
+    service = FilesService(engine, storage, settings)
+
+    @asynccontextmanager
+    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        try:
+            await storage.ensure_bucket()
+        except StorageError as exc:
+            # Start anyway: readiness reports the bucket until it is reachable.
+            logger.warning("could not ensure bucket %s: %s", settings.s3_bucket, exc)
+        sweeper = None
+        if settings.file_sweep_seconds > 0:
+            sweeper = asyncio.create_task(_sweep_forever(service, settings.file_sweep_seconds))
+        try:
+            yield
+        finally:
+            if sweeper is not None:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
+            storage.close()
+            await engine.dispose()
+
+    plugin = ServicePlugin(
+        name="files",
+        service_token=settings.service.service_token,
+        readiness_checks={"database": lambda: ping(engine), "bucket": storage.ping},
+    )
+    app = Litestar(
+        route_handlers=[FilesController],
+        dependencies={"files": Provide(lambda: service, sync_to_thread=False)},
+        plugins=[plugin],
+        lifespan=[lifespan],
+        exception_handlers={Exception: unexpected_error_handler},
+        debug=False,
+    )
+    app.state.settings = settings
+    app.state.files = service
+    return app

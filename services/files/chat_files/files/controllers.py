@@ -1,0 +1,174 @@
+"""HTTP endpoints of the files service (docs/internal-api.md, Files). Every per-file call is
+scoped by ``user_id``: another user's file answers exactly like a missing one (404)."""
+from __future__ import annotations
+
+import re
+import uuid
+from urllib.parse import quote
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from litestar import Controller, Request, delete, get, post
+from litestar.params import Parameter
+from litestar.response import Stream
+
+from chat_common.errors import BadRequestError, NotFoundError
+from chat_files.files import schemas
+from chat_files.files.content_types import HEAD_BYTES
+from chat_files.files.services import FILE_NAME_PATTERN, FilesService
+
+_FILE_NAME = re.compile(FILE_NAME_PATTERN)
+
+OriginalName = Annotated[str, Parameter(min_length=1, max_length=schemas.MAX_ORIGINAL_NAME_INPUT)]
+
+
+def _checked_name(file_name: str) -> str:
+    # Names are made by this service; anything else cannot exist, whatever it looks like.
+    if not _FILE_NAME.match(file_name):
+        raise NotFoundError("file not found")
+    return file_name
+
+
+def _content_length(request: Request) -> int | None:
+    raw = request.headers.get("content-length")
+    if raw is None:
+        return None
+    if not raw.isdigit():
+        raise BadRequestError("Content-Length must be a non-negative integer")
+    return int(raw)
+
+
+def _owner(user_id: uuid.UUID | None, any_owner: bool) -> uuid.UUID | None:
+    if user_id is None and not any_owner:
+        raise BadRequestError("user_id is required (or any_owner=true for a capability read by name)")
+    return user_id
+
+
+async def _body(request: Request) -> AsyncIterator[bytes]:
+    async for chunk in request.stream():
+        yield chunk
+
+
+class FilesController(Controller):
+    path = "/v1"
+
+    @post("/uploads", status_code=201, request_max_body_size=None)
+    async def upload(
+        self,
+        request: Request,
+        files: FilesService,
+        original_name: OriginalName,
+        user_id: uuid.UUID | None = None,
+        session_id: uuid.UUID | None = None,
+    ) -> schemas.File:
+        """Stream the raw body into the bucket. Without ``user_id`` the file is staged with no
+        owner (the gateway had not read the form's user_id yet) until ``attach``."""
+        return await files.upload(
+            _body(request),
+            original_name=original_name,
+            user_id=user_id,
+            session_id=session_id,
+            content_length=_content_length(request),
+        )
+
+    @post("/uploads/check", status_code=200, request_max_body_size=4 * HEAD_BYTES)
+    async def check_upload(
+        self,
+        request: Request,
+        files: FilesService,
+        original_name: OriginalName,
+        user_id: uuid.UUID | None = None,
+        complete: bool = False,
+    ) -> schemas.TypeCheck:
+        """Type (and quota) check of a file's first bytes, before its body is sent: lets the
+        gateway refuse a wrong file without streaming all of it first."""
+        head = await request.body()
+        result = files.check_type(original_name, head, complete)
+        if user_id is not None:
+            await files.check_quota(user_id, len(head) if complete else 0)
+        return result
+
+    @post("/sessions/{session_id:uuid}/files", status_code=201, request_max_body_size=None)
+    async def upload_to_session(
+        self,
+        request: Request,
+        files: FilesService,
+        session_id: uuid.UUID,
+        user_id: uuid.UUID,
+        original_name: OriginalName,
+    ) -> schemas.File:
+        return await files.upload(
+            _body(request),
+            original_name=original_name,
+            user_id=user_id,
+            session_id=session_id,
+            content_length=_content_length(request),
+        )
+
+    @get("/files/{file_name:str}")
+    async def get_file(
+        self, files: FilesService, file_name: str, user_id: uuid.UUID | None = None, any_owner: bool = False
+    ) -> schemas.File:
+        return await files.get(_checked_name(file_name), _owner(user_id, any_owner))
+
+    @get("/files/{file_name:str}/content")
+    async def get_content(
+        self, files: FilesService, file_name: str, user_id: uuid.UUID | None = None, any_owner: bool = False
+    ) -> Stream:
+        meta, chunks = await files.open_content(_checked_name(file_name), _owner(user_id, any_owner))
+        return Stream(
+            chunks,
+            # Litestar adds "; charset=utf-8" to text/* itself (and text here is UTF-8).
+            media_type=meta.content_type.split(";")[0] if meta.content_type.startswith("text/") else meta.content_type,
+            headers={
+                "content-length": str(meta.size),
+                "x-file-size": str(meta.size),
+                "x-file-sha256": meta.sha256,
+                # Percent-encoded: a header value must stay ASCII.
+                "x-file-original-name": quote(meta.original_name, safe=""),
+                "x-content-type-options": "nosniff",
+            },
+        )
+
+    @get("/files/{file_name:str}/url")
+    async def get_url(
+        self,
+        files: FilesService,
+        file_name: str,
+        user_id: uuid.UUID,
+        expires_seconds: int | None = None,
+    ) -> schemas.PresignedUrl:
+        return await files.presigned_url(_checked_name(file_name), user_id, expires_seconds)
+
+    @post("/files/{file_name:str}/attach", status_code=200)
+    async def attach(self, files: FilesService, file_name: str, data: schemas.Attach) -> schemas.File:
+        return await files.attach(_checked_name(file_name), data)
+
+    @post("/files/{file_name:str}/used", status_code=200)
+    async def mark_used(self, files: FilesService, file_name: str, data: schemas.MarkUsed) -> schemas.File:
+        return await files.mark_used(_checked_name(file_name), data)
+
+    @delete("/files/{file_name:str}", status_code=204)
+    async def delete_file(self, files: FilesService, file_name: str, user_id: uuid.UUID | None = None) -> None:
+        """Without ``user_id`` only a staged upload that has no owner yet can be deleted (the
+        gateway dropping an upload whose form never named a valid user)."""
+        await files.delete(_checked_name(file_name), user_id)
+
+    @get("/sessions/{session_id:uuid}/files")
+    async def list_session_files(self, files: FilesService, session_id: uuid.UUID, user_id: uuid.UUID) -> schemas.FileList:
+        return await files.session_files(session_id, user_id)
+
+    @delete("/sessions/{session_id:uuid}/files", status_code=200)
+    async def delete_session_files(
+        self, files: FilesService, session_id: uuid.UUID, user_id: uuid.UUID
+    ) -> schemas.Deleted:
+        return await files.delete_session_files(session_id, user_id)
+
+    @get("/users/{user_id:uuid}/usage")
+    async def usage(self, files: FilesService, user_id: uuid.UUID) -> schemas.Usage:
+        return await files.usage(user_id)
+
+    @post("/sweep", status_code=200)
+    async def sweep(self, files: FilesService) -> schemas.SweepResult:
+        return await files.sweep()
+
