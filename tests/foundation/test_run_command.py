@@ -55,7 +55,11 @@ async def _ws(url: str, frame: dict) -> dict:
 
 
 def _stop(process: subprocess.Popen) -> list[psutil.Process]:
-    children = psutil.Process(process.pid).children(recursive=True)
+    assert process.poll() is None, f"run command exited early with {process.returncode}"
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
     process.send_signal(signal.SIGINT)
     process.wait(90)
     gone, alive = psutil.wait_procs(children, timeout=15)

@@ -256,7 +256,7 @@ class S3Server(ManagedServer):
                 f"-master.port={self.master_port}", f"-volume.port={self.volume_port}",
                 f"-filer.port={self.filer_port}", "-s3", f"-s3.port={self.port}",
                 "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={self.config_path}",
-                "-master.volumeSizeLimitMB=256", "-volume.max=32"]
+                "-master.volumeSizeLimitMB=64", "-volume.max=300"]
 
     def wait_ready(self, timeout: float) -> None:
         import urllib.error
