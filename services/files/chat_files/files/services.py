@@ -23,6 +23,7 @@ from chat_common.errors import (
     ServiceUnavailableError,
 )
 from chat_files.files import content_types, schemas
+from chat_files.files.metrics import UPLOADED_BYTES, UPLOADED_FILES
 from chat_files.files.models import ATTACHED, STAGED, USED, files
 from chat_files.files.storage import ObjectMissing, ObjectStorage, StorageError
 from chat_files.settings import MAX_PRESIGNED_SECONDS, FilesSettings
@@ -247,7 +248,7 @@ class FilesService:
 
         # The object is stored; now the row. Any failure from here removes the object again.
         try:
-            return await self._insert(
+            stored = await self._insert(
                 file_name=file_name,
                 key=key,
                 original=original,
@@ -260,6 +261,9 @@ class FilesService:
         except BaseException:
             await asyncio.shield(self.storage.remove_quietly(key))
             raise
+        UPLOADED_BYTES.inc(stream.size)
+        UPLOADED_FILES.labels(content_type).inc()
+        return stored
 
     async def _insert(
         self,
