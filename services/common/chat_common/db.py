@@ -28,7 +28,11 @@ def make_engine(url: str, schema: str, *, pool_size: int = 10, max_overflow: int
         url,
         pool_size=pool_size,
         max_overflow=max_overflow,
-        pool_pre_ping=True,
+        # No ping per checkout: it doubles the round trips of every request. A connection broken
+        # by a database restart fails one request (answered 503, which callers retry) and
+        # SQLAlchemy then discards every pooled connection older than the failure.
+        pool_pre_ping=False,
+        pool_recycle=1800,
         connect_args={"server_settings": {"search_path": schema, "application_name": f"chat-{schema}"}},
     )
 
