@@ -103,6 +103,10 @@ async def run_window_test(stack: Stack, ai: StandInAI, gateway: ServiceProcess) 
     money = balance_of(stack, user)
     assert money["reserved_nanos"] == 0
     assert money["balance_nanos"] == START_NANOS - 15 * PROCESS_COST_NANOS - 10 * SUMMARY_COST_NANOS
+    # the protocol's balance (type 6, dollars) shows exactly the same fall
+    async with connect(ws_url(gateway)) as client:
+        shown = assert_ok(await client.request(6, user_id=user), 6)["balance"]
+    assert shown == (START_NANOS - 15 * PROCESS_COST_NANOS - 10 * SUMMARY_COST_NANOS) / 1_000_000_000
 
 
 async def test_window_and_summary_with_summarize_rpc(
