@@ -63,7 +63,9 @@ class ContextMiddleware:
         request_token = request_id_var.set(request_id[:64])
         turn_token = turn_id_var.set((_header(scope, TURN_ID_HEADER.encode()) or "")[:64])
         try:
-            if self.service_token is not None and not scope["path"].startswith(OPEN_PATHS):
+            # Exact paths, not prefixes: "/health/../v1/..." or a later "/metrics-admin" route
+            # must not slip past the token because of how it begins.
+            if self.service_token is not None and scope["path"].rstrip("/") not in OPEN_PATHS:
                 if not tokens_match(_header(scope, SERVICE_TOKEN_HEADER.encode()), self.service_token):
                     await _send_json(send, 401, b'{"error":{"code":"unauthorized","message":"missing or wrong service token"}}')
                     return

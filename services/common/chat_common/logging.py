@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 import time
 
@@ -11,6 +12,24 @@ request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id
 turn_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("turn_id", default="")
 
 _RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+
+# Credentials that may ride in a line someone else writes: uvicorn logs each WebSocket
+# handshake with its query string, where browsers' links and sockets carry `token=`.
+_SECRET_PATTERNS = (
+    (re.compile(r"(?i)([?&;](?:token|access_token|id_token|jwt|api_key|apikey)=)[^&\s\"'#]+"), r"\1[redacted]"),
+    (re.compile(r"(?i)(bearer[\s,]+)[A-Za-z0-9\-_.~+/]{8,}=*"), r"\1[redacted]"),
+    (re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), "[redacted-jwt]"),
+)
+_SECRET_HINTS = ("token=", "jwt=", "key=", "earer", "eyJ")
+
+
+def redact(text: str) -> str:
+    """``text`` with anything that looks like a bearer credential replaced."""
+    if not any(hint in text for hint in _SECRET_HINTS):
+        return text
+    for pattern, replacement in _SECRET_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 class JsonFormatter(logging.Formatter):
@@ -25,7 +44,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "service": self.service,
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": redact(record.getMessage()),
         }
         if request_id := request_id_var.get():
             entry["request_id"] = request_id
@@ -33,9 +52,9 @@ class JsonFormatter(logging.Formatter):
             entry["turn_id"] = turn_id
         for key, value in record.__dict__.items():
             if key not in _RESERVED and not key.startswith("_"):
-                entry[key] = value
+                entry[key] = redact(value) if isinstance(value, str) else value
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+            entry["exc"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry, default=str)
 
 

@@ -8,6 +8,7 @@ from litestar import Litestar
 from litestar.config.cors import CORSConfig
 
 from chat_common.app import ServicePlugin
+from chat_gateway.auth import check_configuration
 from chat_gateway.context import GatewayContext
 from chat_gateway.settings import GatewaySettings
 from chat_gateway.uploads.controllers import upload_routes
@@ -16,6 +17,8 @@ from chat_gateway.ws.handlers import websocket_routes
 
 def create_app(settings: GatewaySettings | None = None) -> Litestar:
     settings = settings or GatewaySettings.from_env()
+    # A jwt configuration that could verify nothing stops the start, not the first request.
+    check_configuration(settings)
     holder: dict[str, GatewayContext] = {}
 
     @asynccontextmanager
@@ -57,7 +60,16 @@ def create_app(settings: GatewaySettings | None = None) -> Litestar:
     )
     cors = None
     if settings.allowed_origins:
-        cors = CORSConfig(allow_origins=list(settings.allowed_origins), allow_headers=["*"], allow_methods=["*"])
+        # Headers: "*" makes Litestar echo the preflight's list, which is how `Authorization`
+        # gets through (a literal "*" does not cover it in browsers). No credentials: tokens
+        # travel in headers, never in cookies, so no other site can ride on them.
+        cors = CORSConfig(
+            allow_origins=list(settings.allowed_origins),
+            allow_headers=["*"],
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_credentials=False,
+            max_age=600,
+        )
     app = Litestar(
         route_handlers=[*websocket_routes, *upload_routes],
         plugins=[plugin],

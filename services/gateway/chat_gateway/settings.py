@@ -53,6 +53,9 @@ class GatewaySettings:
     rate_limit_requests: int
     rate_limit_window_seconds: int
     max_sockets_per_user: int
+    jwt_leeway_seconds: float = 30.0
+    jwt_jwks_cache_seconds: float = 300.0
+    socket_slot_seconds: float = 60.0
 
     @classmethod
     def from_env(cls) -> "GatewaySettings":
@@ -70,6 +73,14 @@ class GatewaySettings:
         if auth_mode not in {"none", "jwt"}:
             raise ValueError("AUTH_MODE must be 'none' or 'jwt'")
         default_origins = ["*"] if auth_mode == "none" else []
+        jwt_secret = env_str("JWT_SECRET")
+        jwt_public_key = env_str("JWT_PUBLIC_KEY").replace("\\n", "\n")
+        jwt_jwks_url = env_str("JWT_JWKS_URL")
+        # A secret means HMAC, a public key or JWKS means signatures: the default list never
+        # offers an algorithm family the configured key cannot verify.
+        default_algorithms = (["HS256"] if jwt_secret else []) + (
+            ["RS256", "ES256"] if (jwt_public_key or jwt_jwks_url) else []
+        )
         return cls(
             service=service,
             public_url=env_str("GATEWAY_PUBLIC_URL", f"http://localhost:{service.port}").rstrip("/"),
@@ -85,10 +96,10 @@ class GatewaySettings:
             turn_lock_seconds=env_float("TURN_LOCK_SECONDS", 180.0),
             context_cache_seconds=env_int("CONTEXT_CACHE_SECONDS", 86400),
             auth_mode=auth_mode,
-            jwt_secret=env_str("JWT_SECRET"),
-            jwt_public_key=env_str("JWT_PUBLIC_KEY"),
-            jwt_jwks_url=env_str("JWT_JWKS_URL"),
-            jwt_algorithms=tuple(env_list("JWT_ALGORITHMS", ["HS256"])),
+            jwt_secret=jwt_secret,
+            jwt_public_key=jwt_public_key,
+            jwt_jwks_url=jwt_jwks_url,
+            jwt_algorithms=tuple(env_list("JWT_ALGORITHMS", default_algorithms or ["HS256"])),
             jwt_issuer=env_str("JWT_ISSUER"),
             jwt_audience=env_str("JWT_AUDIENCE"),
             allowed_origins=tuple(env_list("ALLOWED_ORIGINS", default_origins)),
@@ -99,4 +110,7 @@ class GatewaySettings:
             rate_limit_requests=env_int("RATE_LIMIT_REQUESTS", 600),
             rate_limit_window_seconds=env_int("RATE_LIMIT_WINDOW_SECONDS", 60),
             max_sockets_per_user=env_int("MAX_SOCKETS_PER_USER", 50),
+            jwt_leeway_seconds=env_float("JWT_LEEWAY_SECONDS", 30.0),
+            jwt_jwks_cache_seconds=env_float("JWT_JWKS_CACHE_SECONDS", 300.0),
+            socket_slot_seconds=max(3.0, env_float("SOCKET_SLOT_SECONDS", 60.0)),
         )

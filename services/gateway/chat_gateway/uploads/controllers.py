@@ -36,6 +36,7 @@ from chat_gateway.uploads.multipart import (
     boundary_of,
 )
 from chat_gateway.uploads.pipe import FilePipe
+from chat_gateway.ws.limits import Verdict, limits_for, subject_of
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,24 @@ def _failure(status: int, message: str) -> Response[dict[str, Any]]:
 
 def _context(request: Request) -> GatewayContext:
     return request.app.state.gateway
+
+
+async def _rate_limited(request: Request, ctx: GatewayContext, authenticated: str | None) -> Response[Any] | None:
+    """The 429 to answer when this user (or, unauthenticated, this address) is over the
+    per-window request budget it shares with its sockets; None to go on."""
+    limiter = limits_for(request.app.state, ctx).requests
+    if await limiter.hit(subject_of(authenticated, request.client)) is Verdict.OK:
+        return None
+    settings = ctx.settings
+    return Response(
+        {
+            "message": f"Rate limit exceeded: at most {settings.rate_limit_requests} requests per "
+            f"{settings.rate_limit_window_seconds} seconds; slow down",
+            "data": None,
+        },
+        status_code=429,
+        headers={"retry-after": str(settings.rate_limit_window_seconds)},
+    )
 
 
 def _parse_user_id(raw: str, authenticated: str | None) -> str:
@@ -289,6 +308,10 @@ async def upload_file(request: Request) -> Response[dict[str, Any]]:
                 raise PayloadTooLargeError(
                     f"File is larger than the {settings.max_file_size_bytes / (1024 * 1024):g} MB limit"
                 )
+        # After the checks that need no I/O: a client that declared too much and went quiet
+        # (half-closed) still gets its 413 before the server notices the hang-up.
+        if (limited := await _rate_limited(request, ctx, authenticated)) is not None:
+            return limited
         upload = _Upload(ctx, authenticated)
         form = StreamingForm(boundary, field_limits=_field_limits(settings))
         received = 0
@@ -347,6 +370,8 @@ async def download_file(request: Request, file_name: str) -> Response[Any]:
         authenticated = await authenticate_http(request, ctx.settings)
     except AppError as exc:
         return _failure(exc.status_code, exc.message)
+    if (limited := await _rate_limited(request, ctx, authenticated)) is not None:
+        return limited
     claimed = request.query_params.get("user_id")
     owner = authenticated or claimed
     params: dict[str, str]
@@ -384,6 +409,8 @@ async def download_file(request: Request, file_name: str) -> Response[Any]:
     headers = {
         "x-content-type-options": "nosniff",
         "cache-control": "private, max-age=3600",
+        # a link may carry ?token=: a PDF's own links must not hand it on in a Referer
+        "referrer-policy": "no-referrer",
     }
     if length := response.headers.get("content-length"):
         headers["content-length"] = length

@@ -54,6 +54,18 @@ class Dispatcher:
                 logger.debug("socket write failed: %s", exc)
                 self.closed = True
 
+    async def shut(self, closer: Callable[[], Awaitable[None]]) -> None:
+        """Run ``closer`` (the close frame) after any frame being written, and write no more:
+        a close frame in the middle of a reply would corrupt the stream."""
+        async with self._write_lock:
+            if self.closed:
+                return
+            self.closed = True
+            try:
+                await closer()
+            except Exception as exc:  # already gone
+                logger.debug("socket close failed: %s", exc)
+
     async def _work(self, queue: asyncio.Queue[Job]) -> None:
         while True:
             job = await queue.get()

@@ -21,16 +21,33 @@ from litestar.exceptions import WebSocketDisconnect
 
 from chat_common.errors import AppError, BadRequestError, NotFoundError
 from chat_common.logging import request_id_var
-from chat_gateway.auth import AuthenticationError, authenticate_websocket, effective_user_id
+from chat_gateway.auth import (
+    AuthenticationError,
+    Identity,
+    authenticate_socket,
+    effective_user_id,
+    origin_allowed,
+    socket_credentials,
+    token_expired,
+)
 from chat_gateway.chat.context_cache import ContextCache
 from chat_gateway.chat.turn import TurnRunner
 from chat_gateway.context import GatewayContext
 from chat_gateway.ws.dispatcher import Dispatcher
-from chat_gateway.ws.metrics import CHAT_ERRORS, CHAT_OPEN_SOCKETS, CHAT_TURN_SECONDS, CHAT_TURNS
+from chat_gateway.ws.limits import RateLimiter, Verdict, limits_for, subject_of
+from chat_gateway.ws.metrics import (
+    CHAT_ERRORS,
+    CHAT_OPEN_SOCKETS,
+    CHAT_RATE_LIMITED,
+    CHAT_SOCKETS_REFUSED,
+    CHAT_TURN_SECONDS,
+    CHAT_TURNS,
+)
 from chat_gateway.ws.protocol import (
     REQUEST_TYPES,
     ChatRequest,
     ErrorCode,
+    Frame,
     MessageType,
     ProtocolError,
     SessionRequest,
@@ -45,7 +62,10 @@ logger = logging.getLogger(__name__)
 
 SESSION_PAGE = 500
 MAX_SESSION_PAGES = 40  # 20,000 sessions: past that a client gets the newest ones
+# Close codes (RFC 6455 section 7.4.1); docs/security.md says when each is sent.
 WS_POLICY_VIOLATION = 1008
+WS_MESSAGE_TOO_BIG = 1009
+WS_TRY_AGAIN_LATER = 1013
 
 
 def turn_runner(state: State, gateway: GatewayContext) -> TurnRunner:
@@ -57,6 +77,13 @@ def turn_runner(state: State, gateway: GatewayContext) -> TurnRunner:
     return runner
 
 
+def frame_size(raw: str | bytes) -> int:
+    """Bytes on the wire; only encodes when the character count cannot already tell."""
+    if isinstance(raw, bytes):
+        return len(raw)
+    return len(raw.encode("utf-8", errors="surrogatepass"))
+
+
 def error_frame(error: ProtocolError, message_type: int | None) -> bytes:
     CHAT_ERRORS.labels(str(int(error.code))).inc()
     return encode_error(error, message_type)
@@ -65,11 +92,23 @@ def error_frame(error: ProtocolError, message_type: int | None) -> bytes:
 class SocketSession:
     """One connected socket."""
 
-    def __init__(self, socket: WebSocket, gateway: GatewayContext, runner: TurnRunner, authenticated: str | None) -> None:
+    def __init__(
+        self,
+        socket: WebSocket,
+        gateway: GatewayContext,
+        runner: TurnRunner,
+        identity: Identity | None,
+        *,
+        limiter: RateLimiter | None = None,
+        subject: str = "",
+    ) -> None:
         self.socket = socket
         self.gw = gateway
         self.runner = runner
-        self.authenticated = authenticated
+        self.identity = identity
+        self.authenticated = identity.user_id if identity is not None else None
+        self.limiter = limiter
+        self.subject = subject
         self.dispatcher = Dispatcher(self._send)
         self.handlers: dict[int, Callable[[Any, str], Awaitable[dict[str, Any]]]] = {
             MessageType.USER_DETAILS: self.user_details,
@@ -96,7 +135,24 @@ class SocketSession:
                 raw = message.get("text")
                 if raw is None:
                     raw = message.get("bytes") or b""
+                # uvicorn already closes with 1009 past ws_max_size; this holds under any server
+                if len(raw) > settings.max_frame_bytes or (
+                    4 * len(raw) > settings.max_frame_bytes and frame_size(raw) > settings.max_frame_bytes
+                ):
+                    await self._close(WS_MESSAGE_TOO_BIG, f"frame larger than {settings.max_frame_bytes} bytes", "frame_too_big")
+                    return
+                if token_expired(self.identity, settings):
+                    # a socket must not outlive the credential it was opened with
+                    await self._close(WS_POLICY_VIOLATION, "token expired", "token_expired")
+                    return
+                verdict = await self.limiter.hit(self.subject) if self.limiter is not None else Verdict.OK
+                if verdict is Verdict.ABUSIVE:
+                    await self._close(WS_POLICY_VIOLATION, "rate limit exceeded", "rate_limit")
+                    return
                 frame = decode_frame(raw, settings)
+                if verdict is Verdict.LIMITED:
+                    CHAT_RATE_LIMITED.inc()
+                    frame = Frame(type=frame.type, error=self._rate_limited())
                 if frame.type is None or frame.type not in REQUEST_TYPES:
                     # unreadable or unknown: no queue to keep order with, answer at once
                     assert frame.error is not None
@@ -107,6 +163,19 @@ class SocketSession:
             return
         finally:
             await self.dispatcher.close()
+
+    def _rate_limited(self) -> ProtocolError:
+        settings = self.gw.settings
+        return ProtocolError(
+            ErrorCode.RATE_LIMITED,
+            f"Rate limit exceeded: at most {settings.rate_limit_requests} requests per "
+            f"{settings.rate_limit_window_seconds} seconds; slow down",
+        )
+
+    async def _close(self, code: int, reason: str, metric: str) -> None:
+        CHAT_SOCKETS_REFUSED.labels(metric).inc()
+        logger.info("socket closed: %s", reason, extra={"close_code": code})
+        await self.dispatcher.shut(lambda: self.socket.close(code=code, reason=reason))
 
     def _job(self, message_type: int, request: Any, error: ProtocolError | None) -> Callable[[], Awaitable[bytes]]:
         async def job() -> bytes:
@@ -175,7 +244,11 @@ class SocketSession:
         return {"user_id": user_id, "session_id": request.session_id, "chat": msgspec.json.encode(chat).decode()}
 
     async def chat_message(self, request: ChatRequest, user_id: str) -> dict[str, Any]:
-        return await self._durable(measured_turn(self.runner, request, user_id))
+        reply = await self._durable(measured_turn(self.runner, request, user_id))
+        if self.gw.settings.service.log_content:
+            # opt-in (LOG_MESSAGE_CONTENT=true) for debugging a deployment; off, no chat text is logged
+            logger.info("chat turn", extra={"chat_message": request.message, "chat_reply": reply.get("message", "")})
+        return reply
 
     async def delete_session(self, request: SessionRequest, user_id: str) -> dict[str, Any]:
         if not is_uuid(user_id):
@@ -237,19 +310,46 @@ async def delete_session(gw: GatewayContext, cache: ContextCache, session_id: st
 @websocket("/ws")
 async def chat_socket(socket: WebSocket) -> None:
     gateway: GatewayContext = socket.app.state.gateway
-    try:
-        authenticated = await authenticate_websocket(socket, gateway.settings)
-    except AuthenticationError as exc:
-        logger.warning("socket refused: %s", exc)
-        await socket.close(code=WS_POLICY_VIOLATION, reason="authentication failed")
+    settings = gateway.settings
+    if not origin_allowed(socket.headers.get("origin"), settings):
+        # Refused before the handshake (HTTP 403): a page of another site gets no socket at all.
+        CHAT_SOCKETS_REFUSED.labels("origin").inc()
+        logger.info("socket refused: origin not allowed", extra={"origin": (socket.headers.get("origin") or "")[:200]})
+        await socket.close(code=WS_POLICY_VIOLATION, reason="origin not allowed")
         return
-    await socket.accept()
-    session = SocketSession(socket, gateway, turn_runner(socket.app.state, gateway), authenticated)
-    CHAT_OPEN_SOCKETS.inc()
+    subprotocol = socket_credentials(socket).subprotocol
     try:
-        await session.serve()
-    finally:
-        CHAT_OPEN_SOCKETS.dec()
+        identity = await authenticate_socket(socket, settings)
+    except AuthenticationError as exc:
+        # Accepted, then closed: unlike an HTTP 401, a close code and reason reach a browser's
+        # script, which can then fetch a fresh token.
+        CHAT_SOCKETS_REFUSED.labels("auth").inc()
+        logger.info("socket refused: %s", exc.reason)
+        await socket.accept(subprotocols=subprotocol)
+        await socket.close(code=WS_TRY_AGAIN_LATER if exc.retryable else WS_POLICY_VIOLATION, reason=exc.reason)
+        return
+    limits = limits_for(socket.app.state, gateway)
+    subject = subject_of(identity.user_id if identity is not None else None, socket.client)
+    async with limits.sockets.hold(subject) as granted:
+        await socket.accept(subprotocols=subprotocol)
+        if not granted:
+            CHAT_SOCKETS_REFUSED.labels("too_many_sockets").inc()
+            logger.info("socket refused: too many sockets", extra={"limit": settings.max_sockets_per_user})
+            await socket.close(code=WS_TRY_AGAIN_LATER, reason="too many sockets for this user; try again later")
+            return
+        session = SocketSession(
+            socket,
+            gateway,
+            turn_runner(socket.app.state, gateway),
+            identity,
+            limiter=limits.requests,
+            subject=subject,
+        )
+        CHAT_OPEN_SOCKETS.inc()
+        try:
+            await session.serve()
+        finally:
+            CHAT_OPEN_SOCKETS.dec()
 
 
 websocket_routes = [chat_socket]

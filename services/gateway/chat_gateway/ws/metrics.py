@@ -18,3 +18,7 @@ CHAT_AI_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
 CHAT_OPEN_SOCKETS = Gauge("chat_open_sockets", "Open /ws sockets")
+CHAT_SOCKETS_REFUSED = Counter(
+    "chat_sockets_refused_total", "Sockets refused or closed by a security check", ["reason"]
+)
+CHAT_RATE_LIMITED = Counter("chat_rate_limited_total", "Frames refused by the per-user rate limit")

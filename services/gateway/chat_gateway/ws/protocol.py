@@ -51,6 +51,7 @@ class ErrorCode(IntEnum):
     FIELD_TOO_LONG = 105
     USER_MISMATCH = 106
     SESSION_BUSY = 107
+    RATE_LIMITED = 108
 
 
 # The original strings, verbatim (including "Does Not Exists").
@@ -82,6 +83,7 @@ DEFAULT_MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.FIELD_TOO_LONG: "Field is too long",
     ErrorCode.USER_MISMATCH: "user_id does not match the authenticated user",
     ErrorCode.SESSION_BUSY: "Session is busy with another message; try again",
+    ErrorCode.RATE_LIMITED: "Rate limit exceeded: too many requests; slow down",
 }
 
 
@@ -201,6 +203,9 @@ class Frame(msgspec.Struct):
     error: ProtocolError | None = None
 
 
+_TOO_DEEP = ProtocolError(ErrorCode.INVALID_FRAME, "Invalid request: JSON nested too deeply")
+
+
 def decode_frame(raw: str | bytes, settings: GatewaySettings) -> Frame:
     """Never raises: every failure becomes ``Frame.error`` with the code the reply carries."""
     try:
@@ -209,6 +214,10 @@ def decode_frame(raw: str | bytes, settings: GatewaySettings) -> Frame:
         return Frame(type=None, error=validation_error(exc, ""))
     except msgspec.DecodeError:
         return Frame(type=None, error=ProtocolError(ErrorCode.JSON_PARSING))
+    except RecursionError:
+        # valid JSON nested thousands deep ("[[[[..."): msgspec gives up with RecursionError,
+        # which would otherwise end the socket's receive loop
+        return Frame(type=None, error=_TOO_DEEP)
     request_type = REQUEST_TYPES.get(envelope.type)
     if request_type is None:
         return Frame(type=envelope.type, error=ProtocolError(ErrorCode.UNKNOWN_MESSAGE))
@@ -219,6 +228,8 @@ def decode_frame(raw: str | bytes, settings: GatewaySettings) -> Frame:
         return Frame(type=envelope.type, error=validation_error(exc, "data"))
     except msgspec.DecodeError:  # pragma: no cover - the envelope already parsed the whole text
         return Frame(type=envelope.type, error=ProtocolError(ErrorCode.JSON_PARSING))
+    except RecursionError:  # pragma: no cover - the envelope's decode meets the depth first
+        return Frame(type=envelope.type, error=_TOO_DEEP)
     except ProtocolError as exc:
         return Frame(type=envelope.type, error=exc)
     return Frame(type=envelope.type, request=request)
@@ -238,6 +249,9 @@ def _check_text(name: str, value: str, limit: int, *, allow_blank: bool) -> None
     if "\x00" in value:
         # PostgreSQL text cannot hold NUL; refusing here beats a 500 from the sessions service
         raise ProtocolError(ErrorCode.INVALID_VALUE, f"Field `data.{name}` must not contain NUL characters")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def is_uuid(value: str) -> bool:
@@ -278,6 +292,11 @@ def validate_request(request: msgspec.Struct, settings: GatewaySettings) -> None
             request.file_name = None
         if request.model_name:
             _check_text("model_name", request.model_name, MAX_MODEL_NAME_CHARS, allow_blank=False)
+            if _CONTROL.search(request.model_name):
+                # no catalogue name has one, and billing refuses them outright
+                raise ProtocolError(
+                    ErrorCode.INVALID_VALUE, "Field `data.model_name` must not contain control characters"
+                )
         else:
             request.model_name = None
             if request.model_id is None:
