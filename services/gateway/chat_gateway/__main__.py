@@ -34,7 +34,13 @@ def main() -> int:
         logger.warning("AUTH_MODE=none: the user_id inside each message is trusted; use only for local runs")
     for note in notes:
         logger.warning(note)
-    serve(app, settings.service, ws_max_size=settings.max_frame_bytes, ws_ping_interval=20.0)
+    serve(
+        app,
+        settings.service,
+        before_shutdown=lambda: app.state.sockets.drain(settings.service.shutdown_grace_seconds),
+        ws_max_size=settings.max_frame_bytes,
+        ws_ping_interval=20.0,
+    )
     return 0
 
 

@@ -12,6 +12,7 @@ from chat_gateway.auth import check_configuration
 from chat_gateway.context import GatewayContext
 from chat_gateway.settings import GatewaySettings
 from chat_gateway.uploads.controllers import upload_routes
+from chat_gateway.ws.draining import SocketRegistry
 from chat_gateway.ws.handlers import websocket_routes
 
 
@@ -78,4 +79,5 @@ def create_app(settings: GatewaySettings | None = None) -> Litestar:
         debug=False,
     )
     app.state.settings = settings
+    app.state.sockets = SocketRegistry()
     return app

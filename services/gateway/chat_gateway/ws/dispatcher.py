@@ -40,6 +40,10 @@ class Dispatcher:
             self._workers[key] = asyncio.create_task(self._work(queue), name=f"ws-worker-{key}")
         await queue.put(job)
 
+    async def idle(self) -> None:
+        """Until every queued request has been answered (replies written)."""
+        await asyncio.gather(*(queue.join() for queue in list(self._queues.values())))
+
     async def reply_now(self, frame: bytes) -> None:
         """For frames that belong to no queue (unreadable or of an unknown type)."""
         await self.write(frame)

@@ -33,6 +33,7 @@ from chat_gateway.auth import (
 from chat_gateway.chat.context_cache import ContextCache
 from chat_gateway.chat.turn import TurnRunner
 from chat_gateway.context import GatewayContext
+from chat_gateway.ws.draining import WS_GOING_AWAY, SocketRegistry
 from chat_gateway.ws.dispatcher import Dispatcher
 from chat_gateway.ws.limits import RateLimiter, Verdict, limits_for, subject_of
 from chat_gateway.ws.metrics import (
@@ -171,6 +172,14 @@ class SocketSession:
             f"Rate limit exceeded: at most {settings.rate_limit_requests} requests per "
             f"{settings.rate_limit_window_seconds} seconds; slow down",
         )
+
+    async def go_away(self, grace_seconds: float) -> None:
+        """Answer what is in flight (within the grace period), then close with 1001."""
+        try:
+            await asyncio.wait_for(self.dispatcher.idle(), grace_seconds)
+        except asyncio.TimeoutError:
+            logger.warning("socket still busy after the grace period; closing it")
+        await self.dispatcher.shut(lambda: self.socket.close(code=WS_GOING_AWAY, reason="server shutting down"))
 
     async def _close(self, code: int, reason: str, metric: str) -> None:
         CHAT_SOCKETS_REFUSED.labels(metric).inc()
@@ -345,11 +354,17 @@ async def chat_socket(socket: WebSocket) -> None:
             limiter=limits.requests,
             subject=subject,
         )
+        registry: SocketRegistry = socket.app.state.sockets
+        if registry.draining:
+            await socket.close(code=WS_GOING_AWAY, reason="server shutting down")
+            return
+        registry.add(session)
         CHAT_OPEN_SOCKETS.inc()
         try:
             await session.serve()
         finally:
             CHAT_OPEN_SOCKETS.dec()
+            registry.discard(session)
 
 
 websocket_routes = [chat_socket]
