@@ -26,6 +26,15 @@ def work_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture
+def private_dir() -> Iterator[Path]:
+    """A scratch folder outside pytest's tmp_path tree: pytest resets that tree's root to mode
+    0700, which locks out the unprivileged user PostgreSQL runs as."""
+    path = Path(tempfile.mkdtemp(prefix="chat-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def postgres(work_dir: Path) -> Iterator[PostgresServer]:
     server = PostgresServer("postgres", free_port(), work_dir / "pg", durable=False).start()

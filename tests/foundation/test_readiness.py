@@ -49,12 +49,12 @@ def test_gateway_ready_follows_redis(system: Stack, tmp_path: Path) -> None:
         redis.stop()
 
 
-def test_database_services_ready_follow_postgres(system: Stack, tmp_path: Path, service_token: str) -> None:
-    postgres = PostgresServer("own-pg", free_port(), tmp_path / "pg", durable=False).start()
+def test_database_services_ready_follow_postgres(system: Stack, private_dir: Path, service_token: str) -> None:
+    postgres = PostgresServer("own-pg", free_port(), private_dir / "pg", durable=False).start()
     postgres.create_database("chat")
     env = {**system.base_env(), "DATABASE_URL": postgres.url("chat")}
     services = [
-        ServiceProcess(name, free_port(), tmp_path / name, module=f"chat_{name}",
+        ServiceProcess(name, free_port(), private_dir / name, module=f"chat_{name}",
                        env={**env, f"{name.upper()}_PORT": "0"})
         for name in ("billing", "sessions", "files")
     ]
@@ -71,6 +71,16 @@ def test_database_services_ready_follow_postgres(system: Stack, tmp_path: Path, 
         postgres.start()
         for service in services:
             _eventually(service.url, 200)
+        # not only the probe: real work goes through again on the same processes
+        billing = next(service for service in services if service.name == "billing")
+        request = urllib.request.Request(
+            f"{billing.url}/v1/users", method="POST",
+            data=json.dumps({"username": "after restart", "models": [8], "balance": 1}).encode(),
+            headers={"content-type": "application/json", "x-service-token": service_token},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 201
+        assert all(service.process.poll() is None for service in services)
     finally:
         for service in services:
             service.stop()

@@ -66,16 +66,16 @@ def _stop(process: subprocess.Popen) -> list[psutil.Process]:
     return alive
 
 
-async def test_run_command_up_ready_demo_user_ctrl_c_and_data_reuse(tmp_path: Path) -> None:
+async def test_run_command_up_ready_demo_user_ctrl_c_and_data_reuse(private_dir: Path) -> None:
     ports = {name: free_port() for name in ("GATEWAY_PORT", "SESSIONS_PORT", "FILES_PORT", "BILLING_PORT", "AI_SERVER_PORT",
                                             "LOCAL_POSTGRES_PORT", "LOCAL_REDIS_PORT")}
     for name in ("LOCAL_S3_PORT", "LOCAL_S3_MASTER_PORT", "LOCAL_S3_VOLUME_PORT", "LOCAL_S3_FILER_PORT"):
         ports[name] = free_port(also_free_offset=10000)
     env = {key: str(value) for key, value in ports.items()}
-    env["DATA_DIR"] = str(tmp_path / "data")
+    env["DATA_DIR"] = str(private_dir / "data")
     for key in ("DATABASE_URL", "DB_HOST", "REDIS_URL", "REDIS_HOST", "S3_ENDPOINT", "SERVICE_TOKEN"):
         env[key] = ""
-    log = tmp_path / "run1.log"
+    log = private_dir / "run1.log"
     process = _start(env, log)
     try:
         banner = _wait_for_banner(process, log)
@@ -98,7 +98,7 @@ async def test_run_command_up_ready_demo_user_ctrl_c_and_data_reuse(tmp_path: Pa
         with pytest.raises(OSError):
             urllib.request.urlopen(f"http://127.0.0.1:{ports[key]}/health", timeout=2)
 
-    log2 = tmp_path / "run2.log"
+    log2 = private_dir / "run2.log"
     process = _start(env, log2)
     try:
         banner = _wait_for_banner(process, log2)
