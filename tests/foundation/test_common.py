@@ -137,3 +137,33 @@ def test_service_settings_read_prefixed_keys(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("SERVICE_TOKEN", "tok")
     settings = ServiceSettings.from_env("billing", 8003)
     assert (settings.port, settings.service_token) == (9303, "tok")
+
+
+def test_unexpected_errors_are_classified_for_the_client() -> None:
+    from sqlalchemy.exc import DataError, IntegrityError, OperationalError
+
+    from chat_common.errors import (
+        BadRequestError,
+        ConflictError,
+        ServiceUnavailableError,
+        classify_unexpected,
+        register_unavailable,
+    )
+
+    assert isinstance(classify_unexpected(IntegrityError("INSERT", {}, Exception("dup"))), ConflictError)
+    assert isinstance(classify_unexpected(DataError("INSERT", {}, Exception("range"))), BadRequestError)
+    try:
+        try:
+            raise OperationalError("SELECT 1", {}, Exception("connection refused"))
+        except OperationalError as exc:
+            raise RuntimeError("while loading") from exc
+    except RuntimeError as wrapped:
+        assert isinstance(classify_unexpected(wrapped), ServiceUnavailableError)
+
+    class BucketDown(Exception):
+        pass
+
+    assert classify_unexpected(BucketDown()) is None
+    register_unavailable(BucketDown)
+    assert isinstance(classify_unexpected(BucketDown()), ServiceUnavailableError)
+    assert classify_unexpected(KeyError("a real bug")) is None

@@ -6,7 +6,6 @@ pip-installed servers with their data under ``DATA_DIR``. Ctrl-C stops every pro
 """
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import time

@@ -259,9 +259,6 @@ class S3Server(ManagedServer):
                 "-master.volumeSizeLimitMB=64", "-volume.max=300"]
 
     def wait_ready(self, timeout: float) -> None:
-        import urllib.error
-        import urllib.request
-
         deadline = time.monotonic() + timeout
         wait_for_port(self.port, timeout, self.process)
         # The S3 port opens before the volume server has registered; wait until writes work.

@@ -3,7 +3,6 @@ five services, wired through environment variables exactly as a deployment wires
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import time
 import urllib.request

@@ -19,7 +19,7 @@ from chat_billing.reservations.sweeper import sweep_expired_reservations
 from chat_billing.settings import BillingSettings
 from chat_billing.users.controllers import UserController
 from chat_billing.users.services import UserService
-from chat_billing.web import EXCEPTION_HANDLERS, ExactJsonRequest
+from chat_billing.web import ExactJsonRequest
 from chat_common.app import ServicePlugin
 from chat_common.db import ping
 
@@ -71,7 +71,6 @@ def create_app(settings: BillingSettings | None = None) -> Litestar:
         },
         plugins=[plugin],
         lifespan=[lifespan],
-        exception_handlers=EXCEPTION_HANDLERS,
         request_class=ExactJsonRequest,
         request_max_body_size=MAX_BODY_BYTES,
         debug=False,

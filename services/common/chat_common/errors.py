@@ -6,11 +6,15 @@ status below; :mod:`chat_common.client` turns such a reply back into the same ex
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
+import asyncpg
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 logger = logging.getLogger(__name__)
 
@@ -140,15 +144,73 @@ def http_exception_handler(_: Request, exc: HTTPException) -> Response:
         body = {"error": {"code": "validation_error", "message": exc.detail, "details": exc.extra}}
         return Response(content=body, status_code=400)
     code = {
-        401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-        413: "payload_too_large", 429: "rate_limited",
+        400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+        405: "method_not_allowed", 413: "payload_too_large", 429: "rate_limited",
     }.get(
         exc.status_code, "http_error"
     )
     return Response(content={"error": {"code": code, "message": exc.detail}}, status_code=exc.status_code)
 
 
-def unhandled_exception_handler(_: Request, exc: Exception) -> Response:
+# A dependency that is down or restarting: the request may simply be sent again (503, which
+# the internal client retries). Services add their own kinds (the object store's errors).
+_UNAVAILABLE: list[type[BaseException]] = [
+    OperationalError,
+    InterfaceError,
+    PoolTimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    ConnectionError,
+    asyncio.TimeoutError,
+]
+# serialization_failure, deadlock_detected, lock_not_available, query_canceled: rolled back,
+# nothing applied, safe to retry
+_TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57014"})
+
+
+def register_unavailable(*kinds: type[BaseException]) -> None:
+    """Errors of these kinds (anywhere in the cause chain) are answered 503, not 500."""
+    _UNAVAILABLE.extend(kind for kind in kinds if kind not in _UNAVAILABLE)
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def classify_unexpected(exc: BaseException) -> AppError | None:
+    """The client-facing error an unexpected exception stands for, or None for a real bug.
+
+    Input is validated before it reaches the database; this is the net under that, so a value
+    the checks missed is still a client error and an outage is a 503, never a traceback."""
+    chain = _causes(exc)
+    for cause in chain:
+        if getattr(getattr(cause, "orig", None), "sqlstate", None) in _TRANSIENT_SQLSTATES:
+            return ServiceUnavailableError("database busy; retry the request")
+    for cause in chain:
+        if isinstance(cause, IntegrityError):
+            return ConflictError("the request conflicts with stored data")
+        if isinstance(cause, DataError):
+            return BadRequestError("a value in the request is out of range or malformed")
+        if isinstance(cause, tuple(_UNAVAILABLE)) or (
+            isinstance(cause, DBAPIError) and cause.connection_invalidated
+        ):
+            return ServiceUnavailableError("a dependency is unavailable; retry the request")
+        # msgspec raises UnicodeDecodeError (not a DecodeError) for a body that is not UTF-8.
+        if isinstance(cause, UnicodeDecodeError):
+            return BadRequestError("request body is not valid UTF-8")
+    return None
+
+
+def unhandled_exception_handler(request: Request, exc: Exception) -> Response:
+    known = classify_unexpected(exc)
+    if known is not None:
+        logger.warning("request failed: %s (%s)", known.message, type(exc).__name__)
+        return Response(content=known.to_body(), status_code=known.status_code)
     logger.exception("unhandled error", exc_info=exc)
     return Response(content=AppError().to_body(), status_code=500)
 

@@ -6,19 +6,12 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import asyncpg
-from litestar import Litestar, Request, Response
+from litestar import Litestar
 from litestar.di import Provide
-from sqlalchemy.exc import InterfaceError, OperationalError
 
 from chat_common.app import ServicePlugin
 from chat_common.db import make_engine, ping
-from chat_common.errors import (
-    BadRequestError,
-    ServiceUnavailableError,
-    app_error_handler,
-    unhandled_exception_handler,
-)
+from chat_common.errors import register_unavailable
 from chat_files.files.controllers import FilesController
 from chat_files.files.services import FilesService
 from chat_files.files.storage import ObjectStorage, StorageError
@@ -26,37 +19,8 @@ from chat_files.settings import FilesSettings
 
 logger = logging.getLogger(__name__)
 
-_UNAVAILABLE = (
-    OperationalError,
-    InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    ConnectionError,
-    asyncio.TimeoutError,
-    StorageError,
-)
-
-
-def _dependency_down(exc: BaseException) -> bool:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, _UNAVAILABLE):
-            return True
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return False
-
-
-def unexpected_error_handler(request: Request, exc: Exception) -> Response:
-    # A database or bucket that is down is a 503 (the internal client retries those), not a
-    # 500 with a traceback.
-    if _dependency_down(exc):
-        logger.warning("dependency unavailable: %s: %s", type(exc).__name__, exc)
-        return app_error_handler(request, ServiceUnavailableError("database or object store unavailable"))
-    if isinstance(exc, UnicodeDecodeError):
-        return app_error_handler(request, BadRequestError("request body is not valid UTF-8"))
-    return unhandled_exception_handler(request, exc)
+# an unreachable bucket is an outage (503), like an unreachable database
+register_unavailable(StorageError)
 
 
 async def _sweep_forever(service: FilesService, every: float) -> None:
@@ -106,7 +70,6 @@ def create_app(settings: FilesSettings | None = None) -> Litestar:
         dependencies={"files": Provide(lambda: service, sync_to_thread=False)},
         plugins=[plugin],
         lifespan=[lifespan],
-        exception_handlers={Exception: unexpected_error_handler},
         debug=False,
     )
     app.state.settings = settings

@@ -4,7 +4,6 @@ from dataclasses import dataclass
 
 from chat_common.settings import (
     ServiceSettings,
-    env_bool,
     env_float,
     env_int,
     env_list,
