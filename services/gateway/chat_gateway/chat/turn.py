@@ -3,9 +3,9 @@
 Order matters and is the contract's:
 
 1. a ``turn_id``; every internal call carries it and derives its idempotency key from it
-2. the user exists (billing), else 3
-3. an existing session's context is loaded (ownership checked), else 5 (read together with 2)
-4. billing reserves an estimate, else 7 / 15 / 3
+2. an existing session's context is loaded (ownership checked), else 5 -- or 3 when the user
+   does not exist (looked up only then: on the way to a reply, billing's reserve is the check)
+3. billing reserves an estimate, else 3 (unknown user) / 7 / 15
 5. a "NEW" session is created only now, so a refused turn leaves nothing behind
 6. under the session lock (all replicas): context reloaded, file checked, AI called, turn
    appended, file marked used, summary folded, reservation settled, cache rewritten
@@ -41,7 +41,7 @@ from chat_common.errors import (
     UpstreamError,
 )
 from chat_common.logging import request_id_var, turn_id_var
-from chat_common.money import dollars_to_nanos
+from chat_common.money import dollars_to_nanos, nanos_to_dollars
 from chat_common.tracing import inject_context
 from chat_gateway.chat.context_cache import ContextCache, Entry, LockTimeout, SessionContext, SessionLock
 from chat_gateway.chat.naming import session_name
@@ -138,28 +138,25 @@ class TurnRunner:
     async def run(self, request: ChatRequest, user_id: str) -> dict[str, Any]:
         turn_id = str(uuid.uuid4())
         turn_id_var.set(turn_id)
-        # Both reads at once to save a round trip; the user's verdict still comes first, so an
-        # unknown user hears 3 whatever session id it sent.
-        user_read = asyncio.ensure_future(self._user(user_id))
-        context_read = None if request.is_new else asyncio.ensure_future(self._load(request.session_id, user_id))
-        try:
-            user = await user_read
-        except BaseException:
-            if context_read is not None:
-                context_read.cancel()
-                await asyncio.gather(context_read, return_exceptions=True)
-            raise
-        context = await context_read if context_read is not None else None
+        if not is_uuid(user_id):
+            raise ProtocolError(ErrorCode.USER_NOT_FOUND)
+        context = None
+        if not request.is_new:
+            try:
+                context = await self._load(request.session_id, user_id)
+            except ProtocolError:
+                await self._user(user_id)  # an unknown user hears 3 whatever session it named
+                raise
         state = _TurnState(turn_id=turn_id, user_id=user_id)
         try:
-            return await self._run(request, user, context, state)
+            return await self._run(request, context, state)
         except BaseException:
             if not state.appended:
                 await asyncio.shield(self._undo(state))
             raise
 
     async def _run(
-        self, request: ChatRequest, user: dict[str, Any], context: SessionContext | None, state: _TurnState
+        self, request: ChatRequest, context: SessionContext | None, state: _TurnState
     ) -> dict[str, Any]:
         user_id = state.user_id
         prompt_now = request.session_prompt if request.session_prompt is not None else (context.prompt if context else "")
@@ -191,14 +188,13 @@ class TurnRunner:
             logger.error("turn lock unavailable: %s", exc)
             raise ProtocolError(ErrorCode.INTERNAL) from None
         try:
-            return await self._locked(request, user, state, session_id, reservation)
+            return await self._locked(request, state, session_id, reservation)
         finally:
             await asyncio.shield(lock.release())
 
     async def _locked(
         self,
         request: ChatRequest,
-        user: dict[str, Any],
         state: _TurnState,
         session_id: str,
         reservation: _Reservation,
@@ -223,7 +219,8 @@ class TurnRunner:
             file_name=file_urls,
             chat_summary=context.summary,
             chat_history=history,
-            balance=float(user.get("balance") or 0.0),
+            # the balance before this turn's hold, as the original sent it
+            balance=nanos_to_dollars(reservation.balance_nanos + reservation.amount_nanos),
             timestamp=_now(),
             model_provider=model.provider,
             input_price_nanos_per_1k=model.input_price_nanos_per_1k,
