@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -25,7 +24,7 @@ import websockets
 from chat_common.aiproto import ai_service_pb2 as pb
 from chat_common.aiproto import ai_service_pb2_grpc as pb_grpc
 from devstack.servers import ServiceProcess, free_port
-from devstack.stack import Ports, Stack, wait_ready
+from devstack.stack import Stack
 
 RECV_TIMEOUT = 30.0
 PROCESS_COST_NANOS = 1_000
@@ -36,27 +35,10 @@ SUMMARY_COST_NANOS = 500
 # the system
 
 
-def _stack_of(system: Any) -> Stack:
-    if isinstance(system, Stack):
-        return system
-    for name in ("stack", "system"):
-        inner = getattr(system, name, None)
-        if isinstance(inner, Stack):
-            return inner
-    raise TypeError(f"do not know how to use the system fixture {type(system).__name__}")
-
-
 @pytest.fixture(scope="session")
-def stack(request: pytest.FixtureRequest, work_dir: Path) -> Stack:
-    try:
-        return _stack_of(request.getfixturevalue("system"))
-    except pytest.FixtureLookupError:
-        pass
-    own = Stack(work_dir / "gateway-stack", ports=Ports.free(), durable=False)
-    request.addfinalizer(own.stop)
-    own.start()
-    wait_ready(own.gateway_url, 60)
-    return own
+def stack(system: Stack) -> Stack:
+    """The shared system (tests/conftest.py): all five services as processes."""
+    return system
 
 
 def new_user(stack: Stack, *, models: list[int] | None = None, balance: float = 1.0) -> str:
