@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,7 +14,7 @@ from chat_gateway.context import GatewayContext
 from chat_gateway.settings import GatewaySettings
 from chat_gateway.uploads.controllers import upload_routes
 from chat_gateway.ws.draining import SocketRegistry
-from chat_gateway.ws.handlers import websocket_routes
+from chat_gateway.ws.handlers import turn_runner, websocket_routes
 
 
 def create_app(settings: GatewaySettings | None = None) -> Litestar:
@@ -27,9 +28,14 @@ def create_app(settings: GatewaySettings | None = None) -> Litestar:
         context = GatewayContext.create(settings)
         holder["context"] = context
         app.state.gateway = context
+        reconciler = asyncio.create_task(
+            turn_runner(app.state, context).pending.run_forever(settings.settle_reconcile_seconds)
+        )
         try:
             yield
         finally:
+            reconciler.cancel()
+            await asyncio.gather(reconciler, return_exceptions=True)
             # shielded turns and postponed debits still in flight finish before the clients close
             runner = getattr(app.state, "turn_runner", None)
             if runner is not None:

@@ -36,6 +36,8 @@ class GatewaySettings:
     reserve_output_tokens: int
     turn_lock_seconds: float
     context_cache_seconds: int
+    settle_reconcile_seconds: float
+    settle_reconcile_after_seconds: float
     # security
     auth_mode: str
     jwt_secret: str
@@ -94,6 +96,8 @@ class GatewaySettings:
             reserve_output_tokens=env_int("RESERVE_OUTPUT_TOKENS", 1024),
             turn_lock_seconds=env_float("TURN_LOCK_SECONDS", 180.0),
             context_cache_seconds=env_int("CONTEXT_CACHE_SECONDS", 86400),
+            settle_reconcile_seconds=env_float("SETTLE_RECONCILE_SECONDS", 30.0),
+            settle_reconcile_after_seconds=env_float("SETTLE_RECONCILE_AFTER_SECONDS", 120.0),
             auth_mode=auth_mode,
             jwt_secret=jwt_secret,
             jwt_public_key=jwt_public_key,

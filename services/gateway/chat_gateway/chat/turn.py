@@ -45,6 +45,7 @@ from chat_common.money import dollars_to_nanos, nanos_to_dollars
 from chat_common.tracing import inject_context
 from chat_gateway.chat.context_cache import ContextCache, Entry, LockTimeout, SessionContext, SessionLock
 from chat_gateway.chat.naming import session_name
+from chat_gateway.chat.settlements import PendingSettlements
 from chat_gateway.context import GatewayContext
 from chat_gateway.ws.metrics import CHAT_AI_SECONDS
 from chat_gateway.ws.protocol import ChatRequest, ErrorCode, ProtocolError, is_uuid
@@ -132,6 +133,9 @@ class TurnRunner:
         )
         self._summarize_missing_until = 0.0
         self.background: set[asyncio.Task[Any]] = set()
+        self.pending = PendingSettlements(
+            gateway.redis, gateway.billing, reconcile_after_seconds=self.settings.settle_reconcile_after_seconds
+        )
 
     # -- entry point --------------------------------------------------------------------------
 
@@ -555,35 +559,28 @@ class TurnRunner:
             "user_id": user_id,
         }
         path = f"/v1/reservations/{reservation_id}/settle"
+        # Recorded first: should this process die before billing answers, another replica
+        # replays the same (idempotent) call.
+        await self.pending.remember(turn_id, path, body)
         for attempt in range(3):
-            try:
-                await self.gw.billing.post(path, json=body)
+            if await self.pending.settle(turn_id, path, body):
                 return
-            except AppError as exc:
-                if not isinstance(exc, (ServiceUnavailableError, UpstreamError)):
-                    logger.error("billing refused to settle reservation %s: %s", reservation_id, exc.message)
-                    return
-                if attempt < 2:
-                    await asyncio.sleep(0.1 * 2**attempt)
-        # The turn is stored, so the client hears success; the debit keeps being retried (billing
-        # settles an expired reservation too, and the key makes every retry the same debit).
+            if attempt < 2:
+                await asyncio.sleep(0.1 * 2**attempt)
+        # The turn is stored, so the client hears success; the debit keeps being retried here,
+        # and by any replica's reconciliation should this process go away.
         logger.error("settle of reservation %s postponed; retrying in the background", reservation_id)
-        self.spawn(self._settle_later(path, body))
+        self.spawn(self._settle_later(turn_id, path, body))
 
-    async def _settle_later(self, path: str, body: dict[str, Any]) -> None:
+    async def _settle_later(self, turn_id: str, path: str, body: dict[str, Any]) -> None:
         delay = 1.0
         for _ in range(20):
             await asyncio.sleep(delay)
-            try:
-                await self.gw.billing.post(path, json=body)
+            if await self.pending.settle(turn_id, path, body):
                 logger.info("postponed settle done: %s", path)
                 return
-            except (ServiceUnavailableError, UpstreamError):
-                delay = min(60.0, delay * 2)
-            except AppError as exc:
-                logger.error("billing refused a postponed settle %s: %s", path, exc.message)
-                return
-        logger.error("gave up settling %s: %s", path, body)
+            delay = min(60.0, delay * 2)
+        logger.error("gave up settling %s here; it stays pending for reconciliation", path)
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         """A task that outlives the socket that asked for it (kept referenced until done)."""
