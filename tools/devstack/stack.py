@@ -16,7 +16,6 @@ from devstack.servers import (
     S3Server,
     ServiceProcess,
     free_port,
-    wait_for_port,
 )
 
 SERVICE_MODULES = {
@@ -215,4 +214,4 @@ def wait_ready(url: str, timeout: float = 30.0) -> None:
     raise TimeoutError(f"{url} not ready: {last}")
 
 
-__all__ = ["Infrastructure", "Ports", "Stack", "wait_ready", "wait_for_port"]
+__all__ = ["Infrastructure", "Ports", "Stack", "wait_ready"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, NoReturn
 
 import grpc
@@ -100,36 +100,35 @@ class AIService(ai_service_pb2_grpc.AIServiceServicer):
     async def Process(
         self, request: ai_service_pb2.Request, context: grpc.aio.ServicerContext
     ) -> ai_service_pb2.Response:
-        with call_ids(context):
-            started = time.perf_counter()
-            provider_name = ""
-            try:
-                call = chat_call(request)
-                provider = self.providers.for_model(request.model_provider, call.model)
-                provider_name = provider.name
-                completion = await provider.chat(call, self._timeout(context))
-            except Exception as exc:  # noqa: BLE001 - every failure becomes a status below
-                await self._abort(context, "Process", exc, request.model_name, provider_name)
-            return self._answer(
-                "Process", completion, request.model_name.strip(), provider_name, started,
-                request.input_price_nanos_per_1k, request.output_price_nanos_per_1k,
-            )
+        return await self._serve("Process", request, context, chat_call, lambda p, call, t: p.chat(call, t))
 
     async def Summarize(
         self, request: ai_service_pb2.SummaryRequest, context: grpc.aio.ServicerContext
     ) -> ai_service_pb2.Response:
+        return await self._serve("Summarize", request, context, summary_call, lambda p, call, t: p.summarize(call, t))
+
+    async def _serve(
+        self,
+        rpc: str,
+        request: ai_service_pb2.Request | ai_service_pb2.SummaryRequest,
+        context: grpc.aio.ServicerContext,
+        parse: Callable[[Any], Any],
+        run: Callable[[Any, Any, float], Awaitable[Any]],
+    ) -> ai_service_pb2.Response:
+        """Both RPCs: parse, pick the provider for the model, run, price; any failure becomes a
+        gRPC status in ``_abort``."""
         with call_ids(context):
             started = time.perf_counter()
             provider_name = ""
             try:
-                call = summary_call(request)
+                call = parse(request)
                 provider = self.providers.for_model(request.model_provider, call.model)
                 provider_name = provider.name
-                completion = await provider.summarize(call, self._timeout(context))
+                completion = await run(provider, call, self._timeout(context))
             except Exception as exc:  # noqa: BLE001 - every failure becomes a status below
-                await self._abort(context, "Summarize", exc, request.model_name, provider_name)
+                await self._abort(context, rpc, exc, request.model_name, provider_name)
             return self._answer(
-                "Summarize", completion, request.model_name.strip(), provider_name, started,
+                rpc, completion, request.model_name.strip(), provider_name, started,
                 request.input_price_nanos_per_1k, request.output_price_nanos_per_1k,
             )
 

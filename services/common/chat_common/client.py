@@ -136,9 +136,6 @@ class ServiceClient:
     async def put(self, path: str, **kwargs: Any) -> Any:
         return await self.request("PUT", path, **kwargs)
 
-    async def patch(self, path: str, **kwargs: Any) -> Any:
-        return await self.request("PATCH", path, **kwargs)
-
     async def delete(self, path: str, **kwargs: Any) -> Any:
         return await self.request("DELETE", path, **kwargs)
 

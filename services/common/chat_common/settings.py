@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import quote
 
 
@@ -86,7 +86,6 @@ class ServiceSettings:
     log_level: str = "INFO"
     log_content: bool = False
     shutdown_grace_seconds: float = 10.0
-    extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, name: str, default_port: int) -> "ServiceSettings":

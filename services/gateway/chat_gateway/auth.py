@@ -324,7 +324,6 @@ async def authenticate_http(request: Request, settings: GatewaySettings) -> str 
 
 
 # The name the uploads module looks the hook up by.
-authenticate_request = authenticate_http
 
 
 def canonical_user_id(user_id: str) -> str:

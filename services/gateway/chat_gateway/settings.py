@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from chat_common.settings import (
     ServiceSettings,
@@ -60,15 +60,11 @@ class GatewaySettings:
 
     @classmethod
     def from_env(cls) -> "GatewaySettings":
-        service = ServiceSettings.from_env("gateway", 8000)
-        service = ServiceSettings(
-            name="gateway",
+        # The original system's SERVER_HOST/SERVER_PORT keep working for the gateway.
+        service = replace(
+            ServiceSettings.from_env("gateway", 8000),
             host=env_str("GATEWAY_HOST", "127.0.0.1", "SERVER_HOST"),
             port=env_int("GATEWAY_PORT", 8000, "SERVER_PORT"),
-            service_token=service.service_token,
-            log_level=service.log_level,
-            log_content=service.log_content,
-            shutdown_grace_seconds=service.shutdown_grace_seconds,
         )
         auth_mode = env_str("AUTH_MODE", "none").lower()
         if auth_mode not in {"none", "jwt"}:
