@@ -1,0 +1,248 @@
+"""The typed internal contract: every request and reply body that crosses a service boundary on
+a chat turn, in one place. Services decode their requests into these (their own schemas add
+only validation bounds) and the gateway's clients decode replies into them, so a field renamed
+on one side fails to type-check or to decode on the other instead of silently going missing.
+
+Money is integer nano-dollars (1e-9 $) everywhere; ids travel as strings in canonical UUID form.
+Unknown reply fields are ignored (a newer service may add some); request structs of the
+services forbid them.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+# -- billing ------------------------------------------------------------------------------------
+
+
+class ModelInfo(msgspec.Struct, kw_only=True):
+    model_id: int
+    name: str
+    provider: str = ""
+    context_length: int = 0
+    input_price_nanos_per_1k: int = 0
+    output_price_nanos_per_1k: int = 0
+
+
+class ReserveRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Hold a turn's estimated cost. Idempotent on ``turn_id``: the same turn reserved twice
+    gets the first hold back. ``ttl_seconds`` is the hold's lease; a live turn renews it
+    (``LeaseRequest``) and a dead one's money comes back when it runs out."""
+
+    user_id: str
+    input_tokens: int
+    output_tokens: int
+    turn_id: str
+    idempotency_key: str
+    model_id: int | None = None
+    model_name: str | None = None
+    ttl_seconds: int | None = None
+
+
+class Reservation(msgspec.Struct, kw_only=True):
+    reservation_id: str
+    user_id: str
+    model: ModelInfo
+    amount_nanos: int
+    status: str
+    balance_nanos: int
+    turn_id: str | None = None
+    cost_nanos: int | None = None
+    charged_nanos: int = 0
+    shortfall_nanos: int = 0
+
+
+class SettleRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Charge a turn's actual cost against its hold, exactly once per reservation (a repeat, or
+    a settle of a reservation already settled, charges nothing more)."""
+
+    cost_nanos: int
+    idempotency_key: str
+    user_id: str
+    turn_id: str | None = None
+
+
+class ReleaseRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
+    idempotency_key: str
+    user_id: str
+
+
+class LeaseRequest(msgspec.Struct, kw_only=True):
+    """Push an open hold's expiry to now + ``ttl_seconds`` (a live turn's heartbeat)."""
+
+    user_id: str
+    ttl_seconds: int
+
+
+ChargeKind = Literal["turn", "summary"]
+
+
+class Charge(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One owed charge, as the sessions outbox recorded it beside the stored turn or summary.
+
+    ``key`` makes it exactly-once in billing: ``turn:{turn_id}`` settles the turn's
+    reservation, ``summary:{session_id}:{summarized_upto}`` is a debit of its own ledger line.
+    """
+
+    key: str
+    kind: ChargeKind
+    user_id: str
+    session_id: str
+    turn_id: str
+    cost_nanos: int
+    reservation_id: str | None = None
+    model_name: str | None = None
+
+
+class ChargeBatch(msgspec.Struct, kw_only=True):
+    items: list[Charge]
+
+
+ChargeStatus = Literal["charged", "already", "refused"]
+
+
+class ChargeResult(msgspec.Struct, kw_only=True):
+    key: str
+    status: ChargeStatus
+    charged_nanos: int = 0
+    shortfall_nanos: int = 0
+    message: str = ""
+
+
+class ChargeBatchResult(msgspec.Struct, kw_only=True):
+    results: list[ChargeResult]
+
+
+class Balance(msgspec.Struct, kw_only=True):
+    user_id: str
+    balance_nanos: int
+    balance: float
+
+
+class User(msgspec.Struct, kw_only=True):
+    user_id: str
+    username: str
+    balance_nanos: int = 0
+
+
+# -- sessions -----------------------------------------------------------------------------------
+
+Role = Literal["user", "assistant", "file"]
+
+
+class EntryIn(msgspec.Struct, kw_only=True):
+    role: Role
+    content: str
+
+
+class OwedCharge(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What a stored turn (or summary) owes billing; written in the same transaction."""
+
+    cost_nanos: int
+    reservation_id: str | None = None
+    model_name: str | None = None
+
+
+class TurnAppend(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Append one turn's entries. Idempotent on ``turn_id``. ``expected_entry_count`` fences
+    it: the append is refused (409 ``stale_turn``) unless the session still has exactly the
+    entries the turn saw, so two turns that both believed they held the lock can never both be
+    stored, nor in the wrong order. ``charge`` goes to the outbox with the entries."""
+
+    user_id: str
+    turn_id: str
+    entries: list[EntryIn]
+    expected_entry_count: int | None = None
+    prompt: str | None = None
+    model_name: str | None = None
+    charge: OwedCharge | None = None
+
+
+class TurnResult(msgspec.Struct, kw_only=True):
+    session_id: str
+    turn_id: str
+    first_seq: int
+    count: int
+    entry_count: int
+    created: bool
+
+
+class SessionCreate(msgspec.Struct, kw_only=True, omit_defaults=True):
+    user_id: str
+    name: str
+    model_name: str
+    prompt: str = ""
+    session_id: str | None = None
+    idempotency_key: str | None = None
+
+
+class Session(msgspec.Struct, kw_only=True):
+    session_id: str
+    user_id: str
+    session_name: str
+    model_name: str = ""
+    prompt: str = ""
+    summary: str = ""
+    # the first ``summarized_upto`` entries of the session are folded into ``summary``
+    summarized_upto: int = 0
+    entry_count: int = 0
+
+
+class Entry(msgspec.Struct, kw_only=True):
+    seq: int
+    role: str
+    content: str
+    turn_id: str | None = None
+
+
+class EntryList(msgspec.Struct, kw_only=True):
+    items: list[Entry]
+
+
+class SessionContext(msgspec.Struct, kw_only=True):
+    session: Session
+    entries: list[Entry] = []
+
+
+class SummaryUpdate(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Store a fold. Monotonic: an older ``summarized_upto`` than the stored one is ignored.
+    ``charge`` (its cost) goes to the outbox under ``summary:{session_id}:{summarized_upto}``."""
+
+    user_id: str
+    summary: str
+    summarized_upto: int
+    turn_id: str
+    charge: OwedCharge | None = None
+
+
+class OutboxItem(msgspec.Struct, kw_only=True):
+    outbox_id: int
+    charge: Charge
+
+
+class OutboxPage(msgspec.Struct, kw_only=True):
+    items: list[OutboxItem]
+
+
+class OutboxAck(msgspec.Struct, kw_only=True):
+    outbox_ids: list[int]
+
+
+# -- files --------------------------------------------------------------------------------------
+
+
+class FileRecord(msgspec.Struct, kw_only=True):
+    file_name: str
+    session_id: str | None = None
+    status: str = ""
+
+
+class SignedUrl(msgspec.Struct, kw_only=True):
+    url: str
+
+
+class FileUse(msgspec.Struct, kw_only=True):
+    user_id: str
+    session_id: str
+    turn_id: str
