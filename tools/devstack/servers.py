@@ -117,6 +117,27 @@ class ManagedServer:
         self.stop()
         self.start()
 
+    @property
+    def pid(self) -> int | None:
+        """The pid of the running server process (the postmaster for PostgreSQL), else None."""
+        if self.process is None or self.process.poll() is not None:
+            return None
+        return self.process.pid
+
+    def kill_tree(self, timeout: float = 10.0) -> list[int]:
+        """SIGKILL the process and every descendant (PostgreSQL's backends included, which are
+        not in the postmaster's process group), wait until all are gone; returns their pids."""
+        from devstack.procs import kill_tree
+
+        if self.process is None:
+            return []
+        killed = kill_tree(self.process.pid, timeout=timeout) if self.process.poll() is None else []
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        return killed
+
     def log_tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

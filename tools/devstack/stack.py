@@ -166,6 +166,44 @@ class Stack:
             server.stop()
         self.servers.clear()
 
+    # single parts (faults, measurements) -----------------------------------------------------
+
+    def part(self, name: str) -> ManagedServer:
+        """A started part by name: "gateway", "sessions", "files", "billing", "ai", or a local
+        server "postgres", "redis", "s3"."""
+        if name in self.services:
+            return self.services[name]
+        for server in self.servers:
+            if server.name == name:
+                return server
+        raise KeyError(f"no part named {name!r} in this stack")
+
+    def parts(self) -> dict[str, ManagedServer]:
+        return {**{server.name: server for server in self.servers}, **self.services}
+
+    def pids(self) -> dict[str, int]:
+        """The pid of every running part (PostgreSQL: the postmaster)."""
+        return {name: part.pid for name, part in self.parts().items() if part.pid is not None}
+
+    def kill_part(self, name: str) -> list[int]:
+        """SIGKILL a part and all its child processes (no shutdown of any kind)."""
+        return self.part(name).kill_tree()
+
+    def restart_part(self, name: str, timeout: float = 60.0) -> ManagedServer:
+        """Start a part again as it was configured (same port, data dir and environment), after
+        a kill or a stop; a part still running is killed first."""
+        part = self.part(name)
+        if part.pid is not None:
+            part.kill_tree()
+        part.start(timeout)
+        return part
+
+    def kill_everything(self) -> None:
+        """Teardown of last resort: SIGKILL every part still running, with its children."""
+        for part in self.parts().values():
+            if part.process is not None:
+                part.kill_tree()
+
     # conveniences --------------------------------------------------------------------------
 
     @property

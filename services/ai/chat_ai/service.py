@@ -148,14 +148,16 @@ class AIService(ai_service_pb2_grpc.AIServiceServicer):
         cost_nanos, cost = call_cost(
             model, completion.input_tokens, completion.output_tokens, input_price, output_price
         )
-        logger.info(
-            "%s answered", rpc,
-            extra=self._fields(rpc, model, provider, started) | {
-                "input_tokens": completion.input_tokens,
-                "output_tokens": completion.output_tokens,
-                "cost_nanos": cost_nanos,
-            },
-        )
+        # Per call at DEBUG only: the hot path logs nothing at INFO (failures still warn/error).
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "%s answered", rpc,
+                extra=self._fields(rpc, model, provider, started) | {
+                    "input_tokens": completion.input_tokens,
+                    "output_tokens": completion.output_tokens,
+                    "cost_nanos": cost_nanos,
+                },
+            )
         return ai_service_pb2.Response(
             response_text=completion.text,
             cost=cost,
