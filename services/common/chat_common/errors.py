@@ -77,6 +77,14 @@ class ConflictError(AppError):
     default_message = "Conflict"
 
 
+class StaleTurnError(ConflictError):
+    """A fenced append whose ``expected_entry_count`` no longer matches the session: another
+    turn was stored first, so this one is refused and nothing is written."""
+
+    code = "stale_turn"
+    default_message = "the session changed since the turn read it"
+
+
 class PayloadTooLargeError(AppError):
     status_code = 413
     code = "payload_too_large"
@@ -111,6 +119,15 @@ class ServiceUnavailableError(AppError):
     status_code = 503
     code = "unavailable"
     default_message = "Service unavailable"
+
+
+class OutcomeUnknownError(ServiceUnavailableError):
+    """The request went out but no answer came back (a timeout, or the connection cut after
+    sending): the call may or may not have been applied. Raised by the internal client so a
+    caller can look the outcome up (by its turn id or idempotency key) before acting on it."""
+
+    code = "outcome_unknown"
+    default_message = "The call's outcome is unknown"
 
 
 def _all_subclasses(cls: type[AppError]) -> list[type[AppError]]:

@@ -73,5 +73,5 @@ def configure_logging(service: str, level: str = "INFO") -> None:
         logger.propagate = True
     logging.getLogger("uvicorn.access").setLevel("WARNING")
     # One line per internal HTTP call drowns the useful lines and costs throughput.
-    for chatty in ("httpx", "httpcore"):
+    for chatty in ("httpx", "httpcore", "aiohttp"):
         logging.getLogger(chatty).setLevel("WARNING")
