@@ -47,14 +47,15 @@ async def concurrent_client(database_url: str, service_token: str) -> AsyncItera
     a race could never show; httpx's ASGITransport runs the app in the test's own loop."""
     app = create_app(make_settings(database_url, service_token))
     # Not `app.lifespan()`: its task group would be exited by another task at teardown. The only
-    # shutdown work of this app is disposing of its engine, done here.
+    # lifespan work of this app is opening and closing its pool, done here.
+    await app.state.sessions_service.start()
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app),
         base_url="http://sessions.test",
         headers={"X-Service-Token": service_token},
     ) as http:
         yield http
-    await app.state.engine.dispose()
+    await app.state.sessions_service.close()
 
 
 def new_id() -> str:

@@ -13,7 +13,8 @@ from chat_sessions.app import create_app
 
 from .conftest import append_turn, create_session, fetch, make_settings, new_id
 
-TABLES = {"schema_migrations", "sessions", "entries", "turns"}
+TABLES = {"schema_migrations", "sessions", "entries", "turns", "outbox"}
+VERSIONS = ["0001_init", "0002_outbox_and_turn_functions"]
 
 
 async def _tables(database_url: str, schema: str) -> set[str]:
@@ -24,11 +25,11 @@ async def _tables(database_url: str, schema: str) -> set[str]:
 
 
 async def test_applying_twice_is_a_no_op(fresh_database: str) -> None:
-    assert await apply_migrations(fresh_database, "sessions", "chat_sessions") == ["0001_init"]
+    assert await apply_migrations(fresh_database, "sessions", "chat_sessions") == VERSIONS
     assert await _tables(fresh_database, "sessions") == TABLES
     assert await apply_migrations(fresh_database, "sessions", "chat_sessions") == []
     versions = await fetch(fresh_database, "SELECT version FROM schema_migrations")
-    assert [row["version"] for row in versions] == ["0001_init"]
+    assert [row["version"] for row in versions] == VERSIONS
 
 
 async def test_migrate_command_with_own_schema(fresh_database: str, service_token: str) -> None:
@@ -45,7 +46,7 @@ async def test_migrate_command_with_own_schema(fresh_database: str, service_toke
     assert await _tables(fresh_database, "chat_sessions_alt") == TABLES
     assert await apply_migrations(fresh_database, "chat_sessions_alt", "chat_sessions") == []
     versions = await fetch(fresh_database, "SELECT version FROM schema_migrations", schema="chat_sessions_alt")
-    assert [row["version"] for row in versions] == ["0001_init"]
+    assert [row["version"] for row in versions] == VERSIONS
 
     app = create_app(make_settings(fresh_database, service_token, schema="chat_sessions_alt"))
     async with AsyncTestClient(app) as client:

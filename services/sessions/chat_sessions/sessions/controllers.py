@@ -16,15 +16,15 @@ Sessions = NamedDependency[SessionsService]
 SessionIdPath = FromPath[str]
 
 
-def parse_session_id(value: str) -> uuid.UUID:
+def parse_session_id(value: str, key: str = "session_id") -> uuid.UUID:
     # Taken as a string and parsed here: a `{session_id:uuid}` route would answer a malformed
     # id with a 404 (no route), which reads like "session not found" instead of "bad input".
     try:
         return uuid.UUID(value)
     except ValueError:
         raise ValidationException(
-            detail="session_id must be a UUID",
-            extra=[{"message": "Invalid UUID", "key": "session_id", "source": "path"}],
+            detail=f"{key} must be a UUID",
+            extra=[{"message": "Invalid UUID", "key": key, "source": "path"}],
         ) from None
 
 
@@ -77,6 +77,14 @@ class SessionsController(Controller):
     ) -> schemas.TurnResult:
         return await sessions.append_turn(parse_session_id(session_id), data)
 
+    @get("/{session_id:str}/turns/{turn_id:str}")
+    async def get_turn(
+        self, sessions: Sessions, session_id: SessionIdPath, turn_id: FromPath[str], user_id: UserId
+    ) -> schemas.TurnResult:
+        """The stored result of a turn (``created`` false), 404 when it was not stored: how a
+        caller learns the outcome of an append whose reply it never got."""
+        return await sessions.get_turn(user_id, parse_session_id(session_id), parse_session_id(turn_id, "turn_id"))
+
     @put("/{session_id:str}/summary")
     async def update_summary(
         self, sessions: Sessions, session_id: SessionIdPath, data: JSONBody[schemas.SummaryUpdate]
@@ -86,3 +94,24 @@ class SessionsController(Controller):
     @delete("/{session_id:str}", status_code=204)
     async def delete_session(self, sessions: Sessions, session_id: SessionIdPath, user_id: UserId) -> None:
         await sessions.delete(user_id, parse_session_id(session_id))
+
+
+class OutboxController(Controller):
+    """Charges owed by stored turns and summaries, for the gateway's outbox workers: page the
+    old enough rows, have billing apply them (exactly once there, by key), ack them."""
+
+    path = "/v1/outbox"
+    tags = ["outbox"]
+
+    @get("/")
+    async def outbox_page(
+        self,
+        sessions: Sessions,
+        older_than_seconds: Annotated[float, QueryParameter(ge=0, le=10**9)] = 0,
+        limit: Annotated[int, QueryParameter(ge=1)] = schemas.DEFAULT_OUTBOX_LIMIT,
+    ) -> schemas.OutboxPage:
+        return await sessions.outbox_page(older_than_seconds, min(limit, schemas.MAX_OUTBOX_LIMIT))
+
+    @post("/ack", status_code=200)
+    async def outbox_ack(self, sessions: Sessions, data: JSONBody[schemas.OutboxAck]) -> schemas.OutboxAcked:
+        return await sessions.outbox_ack(data.outbox_ids)

@@ -19,6 +19,10 @@ MAX_PAGE_LIMIT = 500
 DEFAULT_CONTEXT_WINDOW = 10
 # PostgreSQL integer columns; larger numbers would overflow in the driver, not fail cleanly.
 MAX_INT4 = 2**31 - 1
+MAX_INT8 = 2**63 - 1
+DEFAULT_OUTBOX_LIMIT = 200
+MAX_OUTBOX_LIMIT = 500
+MAX_OUTBOX_ACK = 1000
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
 Prompt = Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)]
@@ -43,12 +47,23 @@ class EntryIn(msgspec.Struct):
     content: Content
 
 
+class OwedCharge(msgspec.Struct):
+    """What the stored turn (or summary) owes billing; goes to the outbox in its transaction."""
+
+    cost_nanos: Annotated[int, msgspec.Meta(ge=0, le=MAX_INT8)]
+    reservation_id: IdempotencyKey | None = None
+    model_name: Name | None = None
+
+
 class TurnAppend(msgspec.Struct):
     user_id: uuid.UUID
     turn_id: uuid.UUID
     entries: Annotated[list[EntryIn], msgspec.Meta(min_length=1, max_length=MAX_ENTRIES_PER_TURN)]
+    # The fence: refused (409 stale_turn) unless the session has exactly this many entries.
+    expected_entry_count: Annotated[int, msgspec.Meta(ge=0, le=MAX_INT4)] | None = None
     prompt: Prompt | None = None
     model_name: Name | None = None
+    charge: OwedCharge | None = None
 
 
 class SummaryUpdate(msgspec.Struct):
@@ -56,6 +71,7 @@ class SummaryUpdate(msgspec.Struct):
     summary: Summary
     summarized_upto: Annotated[int, msgspec.Meta(ge=0, le=MAX_INT4)]
     turn_id: uuid.UUID
+    charge: OwedCharge | None = None
 
 
 class Session(msgspec.Struct):
@@ -104,3 +120,31 @@ class TurnResult(msgspec.Struct):
     # The session's entry count right after this turn (also on a replay): first_seq + count.
     entry_count: int
     created: bool
+
+
+class Charge(msgspec.Struct, omit_defaults=True):
+    key: str
+    kind: str
+    user_id: uuid.UUID
+    session_id: uuid.UUID
+    turn_id: uuid.UUID
+    cost_nanos: int
+    reservation_id: str | None = None
+    model_name: str | None = None
+
+
+class OutboxItem(msgspec.Struct):
+    outbox_id: int
+    charge: Charge
+
+
+class OutboxPage(msgspec.Struct):
+    items: list[OutboxItem]
+
+
+class OutboxAck(msgspec.Struct):
+    outbox_ids: Annotated[list[Annotated[int, msgspec.Meta(ge=1, le=MAX_INT8)]], msgspec.Meta(max_length=MAX_OUTBOX_ACK)]
+
+
+class OutboxAcked(msgspec.Struct):
+    acked: int

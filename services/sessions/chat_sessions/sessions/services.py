@@ -1,33 +1,29 @@
-"""Session storage. Every operation runs in one transaction and is scoped to the owner: a row of
-another user is never read, changed or reported as existing."""
+"""Session storage on asyncpg. Every call is scoped to the owner (a row of another user is
+never read, changed or reported as existing) and is one SQL statement, one round trip, in the
+common case: the writes that must be atomic are PL/pgSQL functions (migration 0002), the reads
+are single statements (one snapshot). The statements are module constants (``sql.py``), so
+asyncpg prepares each once per connection and reuses it."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
-from datetime import datetime
+from collections.abc import Sequence
+from typing import Any
 
-from advanced_alchemy.filters import LimitOffset
-from advanced_alchemy.repository import SQLAlchemyAsyncRepository
-from sqlalchemy import func, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+import asyncpg
 
-from chat_common.errors import BadRequestError, ConflictError, NotFoundError
-from chat_sessions.sessions import schemas
-from chat_sessions.sessions.models import EntryModel, SessionModel, TurnModel
+from chat_common.db import check_schema_name
+from chat_common.errors import BadRequestError, ConflictError, NotFoundError, StaleTurnError
+from chat_sessions.sessions import schemas, sql
 
-
-class SessionRepository(SQLAlchemyAsyncRepository[SessionModel]):
-    model_type = SessionModel
+# A content of at most this many characters cannot exceed the byte bound (UTF-8 is at most 4
+# bytes per character), so only longer ones are encoded to be measured.
+_SAFE_CHARS = schemas.MAX_CONTENT_BYTES // 4
 
 
-class EntryRepository(SQLAlchemyAsyncRepository[EntryModel]):
-    model_type = EntryModel
-
-
-class TurnRepository(SQLAlchemyAsyncRepository[TurnModel]):
-    model_type = TurnModel
+async def _no_reset(_: asyncpg.Connection) -> None:
+    """Pool release without asyncpg's reset query (advisory unlock, CLOSE ALL, UNLISTEN, RESET
+    ALL): a round trip per call for state this service never creates. asyncpg still rolls back
+    a transaction left open before calling this."""
 
 
 def clean_text(value: str) -> str:
@@ -44,212 +40,214 @@ def required_text(value: str, field: str) -> str:
     return text
 
 
-def to_session(row: SessionModel) -> schemas.Session:
+def to_session(row: Sequence[Any]) -> schemas.Session:
     return schemas.Session(
-        session_id=row.id,
-        user_id=row.user_id,
-        session_name=row.name,
-        model_name=row.model_name,
-        prompt=row.prompt,
-        summary=row.summary,
-        summarized_upto=row.summarized_upto,
-        entry_count=row.entry_count,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
+        session_id=row[0],
+        user_id=row[1],
+        session_name=row[2],
+        model_name=row[3],
+        prompt=row[4],
+        summary=row[5],
+        summarized_upto=row[6],
+        entry_count=row[7],
+        created_at=row[8],
+        updated_at=row[9],
     )
 
 
-def to_entry(row: EntryModel) -> schemas.Entry:
-    return schemas.Entry(
-        seq=row.seq, role=row.role, content=row.content, turn_id=row.turn_id, created_at=row.created_at
-    )
+def to_entries(row: Sequence[Any]) -> list[schemas.Entry]:
+    seqs = row[10]
+    if seqs is None:
+        return []
+    Entry = schemas.Entry
+    return [
+        Entry(seq=seq, role=role, content=content, turn_id=turn_id, created_at=created_at)
+        for seq, role, content, turn_id, created_at in zip(seqs, row[11], row[12], row[13], row[14])
+    ]
+
+
+def _charge_args(charge: schemas.OwedCharge | None) -> tuple[int | None, str | None, str | None]:
+    if charge is None:
+        return None, None, None
+    model_name = None if charge.model_name is None else clean_text(charge.model_name) or None
+    reservation = None if charge.reservation_id is None else clean_text(charge.reservation_id) or None
+    return charge.cost_nanos, reservation, model_name
 
 
 class SessionsService:
-    def __init__(self, sessionmaker: async_sessionmaker[AsyncSession]) -> None:
-        self._sessionmaker = sessionmaker
+    def __init__(self, database_url: str, schema: str, *, min_size: int = 0, max_size: int = 20) -> None:
+        self._dsn = database_url
+        self._schema = check_schema_name(schema)
+        self._min_size = min_size
+        self._max_size = max_size
+        self.pool: asyncpg.Pool | None = None
 
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[AsyncSession]:
-        async with self._sessionmaker() as db, db.begin():
-            yield db
+    async def start(self) -> None:
+        """Create the pool (the app's lifespan does). ``min_size`` 0 by default: the service
+        starts, and reports itself not ready, while the database is down."""
+        if self.pool is None:
+            self.pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=self._min_size,
+                max_size=self._max_size,
+                reset=_no_reset,
+                max_inactive_connection_lifetime=300,
+                server_settings={"search_path": self._schema, "application_name": f"chat-{self._schema}"},
+            )
 
-    @staticmethod
-    async def _owned(
-        db: AsyncSession, user_id: uuid.UUID, session_id: uuid.UUID, *, lock: bool = False
-    ) -> SessionModel:
-        row = await SessionRepository(session=db).get_one_or_none(
-            id=session_id, user_id=user_id, with_for_update=lock
+    async def close(self) -> None:
+        if self.pool is not None:
+            pool, self.pool = self.pool, None
+            await pool.close()
+
+    def _pool(self) -> asyncpg.Pool:
+        pool = self.pool
+        if pool is None:
+            raise RuntimeError("sessions service used before start()")
+        return pool
+
+    async def ping(self) -> None:
+        await self._pool().fetchval(sql.PING)
+
+    # -- sessions -------------------------------------------------------------------------------
+
+    async def create(self, data: schemas.SessionCreate) -> schemas.Session:
+        idempotency_key = None if data.idempotency_key is None else clean_text(data.idempotency_key) or None
+        session_id = data.session_id or uuid.uuid4()
+        name = required_text(data.name, "name")
+        model_name = required_text(data.model_name, "model_name")
+        pool = self._pool()
+        # ON CONFLICT rather than catching a unique violation: a concurrent replay waits for the
+        # first insert and then finds its row. The look-ups after a conflict are statements of
+        # their own (each sees what committed before it; one statement's snapshot would not).
+        row = await pool.fetchrow(
+            sql.CREATE_SESSION, session_id, data.user_id, name, model_name, clean_text(data.prompt), idempotency_key
         )
+        if row is not None:
+            return to_session(row)
+        if idempotency_key is not None:
+            row = await pool.fetchrow(sql.SESSION_BY_KEY, data.user_id, idempotency_key)
+            if row is not None:
+                return to_session(row)
+        row = await pool.fetchrow(sql.SESSION_BY_ID_ANY_OWNER, session_id)
+        if row is not None and row[1] == data.user_id:
+            return to_session(row)
+        # Another user's id: refused without saying anything about that session.
+        raise ConflictError("session_id is already in use")
+
+    async def list(self, user_id: uuid.UUID, limit: int, offset: int) -> schemas.SessionPage:
+        rows = await self._pool().fetch(sql.LIST_SESSIONS, user_id, limit, offset)
+        total = rows[0][0]
+        items = [to_session(row[1:]) for row in rows if row[1] is not None]
+        return schemas.SessionPage(items=items, total=total, limit=limit, offset=offset)
+
+    async def get(self, user_id: uuid.UUID, session_id: uuid.UUID) -> schemas.Session:
+        row = await self._pool().fetchrow(sql.GET_SESSION, session_id, user_id)
+        if row is None:
+            raise NotFoundError("session not found")
+        return to_session(row)
+
+    async def _with_entries(self, user_id: uuid.UUID, session_id: uuid.UUID, last: int) -> asyncpg.Record:
+        row = await self._pool().fetchrow(sql.SESSION_WITH_ENTRIES, session_id, user_id, last)
         if row is None:
             raise NotFoundError("session not found")
         return row
 
-    @staticmethod
-    async def _clock(db: AsyncSession) -> datetime:
-        # Statement time, read after the row lock: timestamps then follow the order in which
-        # concurrent writers were serialized (now() is the earlier transaction start).
-        return (await db.execute(select(func.clock_timestamp()))).scalar_one()
-
-    async def create(self, data: schemas.SessionCreate) -> schemas.Session:
-        idempotency_key = None if data.idempotency_key is None else clean_text(data.idempotency_key)
-        values = {
-            "id": data.session_id or uuid.uuid4(),
-            "user_id": data.user_id,
-            "name": required_text(data.name, "name"),
-            "model_name": required_text(data.model_name, "model_name"),
-            "prompt": clean_text(data.prompt),
-            "idempotency_key": idempotency_key or None,
-        }
-        async with self._transaction() as db:
-            # ON CONFLICT rather than catching an IntegrityError: a concurrent replay waits
-            # for the first insert and then finds its row, instead of aborting the transaction.
-            statement = pg_insert(SessionModel).values(**values).on_conflict_do_nothing().returning(SessionModel)
-            row = (await db.scalars(statement)).one_or_none()
-            if row is not None:
-                return to_session(row)
-            repository = SessionRepository(session=db)
-            if values["idempotency_key"] is not None:
-                row = await repository.get_one_or_none(
-                    user_id=data.user_id, idempotency_key=values["idempotency_key"]
-                )
-                if row is not None:
-                    return to_session(row)
-            row = await repository.get_one_or_none(id=values["id"])
-            if row is not None and row.user_id == data.user_id:
-                return to_session(row)
-            # Another user's id: refused without saying anything about that session.
-            raise ConflictError("session_id is already in use")
-
-    async def list(self, user_id: uuid.UUID, limit: int, offset: int) -> schemas.SessionPage:
-        async with self._transaction() as db:
-            rows, total = await SessionRepository(session=db).get_many_and_count(
-                LimitOffset(limit=limit, offset=offset),
-                user_id=user_id,
-                order_by=[(SessionModel.created_at, True), (SessionModel.id, True)],
-                # The window-function count reports 0 for an offset past the end.
-                count_with_window_function=False,
-            )
-            return schemas.SessionPage(
-                items=[to_session(row) for row in rows], total=total, limit=limit, offset=offset
-            )
-
-    async def get(self, user_id: uuid.UUID, session_id: uuid.UUID) -> schemas.Session:
-        async with self._transaction() as db:
-            return to_session(await self._owned(db, user_id, session_id))
-
-    @staticmethod
-    async def _entries(db: AsyncSession, session: SessionModel, last: int | None) -> Sequence[EntryModel]:
-        # Bounded by the entry_count just read, so a turn committed in between (this is READ
-        # COMMITTED) never shows up half-counted: entries and count always agree.
-        upper = session.entry_count
-        lower = 0 if last is None else max(0, upper - last)
-        if lower >= upper:
-            return []
-        return await EntryRepository(session=db).get_many(
-            EntryModel.seq >= lower,
-            EntryModel.seq < upper,
-            session_id=session.id,
-            order_by=(EntryModel.seq, False),
-        )
-
-    async def entries(
-        self, user_id: uuid.UUID, session_id: uuid.UUID, last: int | None
-    ) -> schemas.EntryList:
-        async with self._transaction() as db:
-            session = await self._owned(db, user_id, session_id)
-            rows = await self._entries(db, session, last)
-            return schemas.EntryList(items=[to_entry(row) for row in rows])
+    async def entries(self, user_id: uuid.UUID, session_id: uuid.UUID, last: int | None) -> schemas.EntryList:
+        bound = schemas.MAX_INT4 if last is None else min(last, schemas.MAX_INT4)
+        return schemas.EntryList(items=to_entries(await self._with_entries(user_id, session_id, bound)))
 
     async def context(self, user_id: uuid.UUID, session_id: uuid.UUID, window: int) -> schemas.SessionContext:
-        async with self._transaction() as db:
-            session = await self._owned(db, user_id, session_id)
-            rows = await self._entries(db, session, window) if window > 0 else []
-            return schemas.SessionContext(session=to_session(session), entries=[to_entry(row) for row in rows])
+        row = await self._with_entries(user_id, session_id, min(window, schemas.MAX_INT4))
+        return schemas.SessionContext(session=to_session(row), entries=to_entries(row))
+
+    async def delete(self, user_id: uuid.UUID, session_id: uuid.UUID) -> None:
+        status = await self._pool().execute(sql.DELETE_SESSION, session_id, user_id)
+        if status == "DELETE 0":
+            raise NotFoundError("session not found")
+
+    # -- turns ----------------------------------------------------------------------------------
 
     async def append_turn(self, session_id: uuid.UUID, data: schemas.TurnAppend) -> schemas.TurnResult:
         model_name = None if data.model_name is None else required_text(data.model_name, "model_name")
-        contents = [clean_text(entry.content) for entry in data.entries]
-        for index, content in enumerate(contents):
-            if len(content.encode("utf-8")) > schemas.MAX_CONTENT_BYTES:
+        roles: list[str] = []
+        contents: list[str] = []
+        for index, entry in enumerate(data.entries):
+            content = entry.content
+            if "\x00" in content:
+                content = content.replace("\x00", "")
+            if len(content) > _SAFE_CHARS and len(content.encode("utf-8")) > schemas.MAX_CONTENT_BYTES:
                 message = f"entries[{index}].content exceeds {schemas.MAX_CONTENT_BYTES} bytes of UTF-8"
                 raise BadRequestError(
                     message, details=[{"message": message, "key": f"entries[{index}].content", "source": "body"}]
                 )
-        async with self._transaction() as db:
-            # The row lock serializes every append (and replay) of this session: seq numbers
-            # come from entry_count under the lock, so they are contiguous, and a replay waits
-            # for the first attempt to commit and then finds its turn row.
-            session = await self._owned(db, data.user_id, session_id, lock=True)
-            turns = TurnRepository(session=db)
-            done = await turns.get_one_or_none(session_id=session.id, turn_id=data.turn_id)
-            if done is not None:
-                return schemas.TurnResult(
-                    session_id=session.id,
-                    turn_id=done.turn_id,
-                    first_seq=done.first_seq,
-                    count=done.count,
-                    entry_count=done.first_seq + done.count,
-                    created=False,
-                )
-            first_seq = session.entry_count
-            if first_seq + len(contents) > schemas.MAX_INT4:
-                raise BadRequestError("session has too many entries")
-            now = await self._clock(db)
-            await EntryRepository(session=db).add_many(
-                [
-                    EntryModel(
-                        session_id=session.id,
-                        seq=first_seq + offset,
-                        role=entry.role,
-                        content=content,
-                        turn_id=data.turn_id,
-                        created_at=now,
-                    )
-                    for offset, (entry, content) in enumerate(zip(data.entries, contents))
-                ]
-            )
-            await turns.add(
-                TurnModel(
-                    session_id=session.id,
-                    turn_id=data.turn_id,
-                    first_seq=first_seq,
-                    count=len(contents),
-                    created_at=now,
-                ),
-                auto_refresh=False,
-            )
-            session.entry_count = first_seq + len(contents)
-            session.updated_at = now
-            if data.prompt is not None:
-                session.prompt = clean_text(data.prompt)
-            if model_name is not None:
-                session.model_name = model_name
+            roles.append(entry.role)
+            contents.append(content)
+        prompt = None if data.prompt is None else clean_text(data.prompt)
+        cost, reservation, charge_model = _charge_args(data.charge)
+        # One call of append_turn(): the session row lock serializes every append (and replay)
+        # of the session; seq numbers come from entry_count under it, so they are contiguous,
+        # and a replay waits for the first attempt to commit and then finds its turn row.
+        status, first_seq, count, entry_count = await self._pool().fetchrow(
+            sql.APPEND_TURN, session_id, data.user_id, data.turn_id, roles, contents,
+            data.expected_entry_count, prompt, model_name, cost, reservation, charge_model,
+        )
+        if status == "created" or status == "replay":
             return schemas.TurnResult(
-                session_id=session.id,
-                turn_id=data.turn_id,
-                first_seq=first_seq,
-                count=len(contents),
-                entry_count=session.entry_count,
-                created=True,
+                session_id=session_id, turn_id=data.turn_id, first_seq=first_seq, count=count,
+                entry_count=entry_count, created=status == "created",
             )
+        if status == "stale":
+            raise StaleTurnError(
+                f"the session has {entry_count} entries, the turn expected {data.expected_entry_count}",
+                details={"entry_count": entry_count, "expected_entry_count": data.expected_entry_count},
+            )
+        if status == "full":
+            raise BadRequestError("session has too many entries")
+        raise NotFoundError("session not found")
+
+    async def get_turn(self, user_id: uuid.UUID, session_id: uuid.UUID, turn_id: uuid.UUID) -> schemas.TurnResult:
+        row = await self._pool().fetchrow(sql.GET_TURN, session_id, turn_id, user_id)
+        if row is None:
+            raise NotFoundError("turn not found")
+        first_seq, count = row
+        return schemas.TurnResult(
+            session_id=session_id, turn_id=turn_id, first_seq=first_seq, count=count,
+            entry_count=first_seq + count, created=False,
+        )
 
     async def update_summary(self, session_id: uuid.UUID, data: schemas.SummaryUpdate) -> schemas.Session:
-        async with self._transaction() as db:
-            # Locked so that two updates racing cannot both pass the monotonicity check.
-            session = await self._owned(db, data.user_id, session_id, lock=True)
-            replay = session.summary_turn_id is not None and session.summary_turn_id == data.turn_id
-            if not replay and data.summarized_upto >= session.summarized_upto:
-                session.summary = clean_text(data.summary)
-                session.summarized_upto = data.summarized_upto
-                session.summary_turn_id = data.turn_id
-                session.updated_at = await self._clock(db)
-                await db.flush()
-            return to_session(session)
+        cost, reservation, charge_model = _charge_args(data.charge)
+        # One call of store_summary(): locked, so two updates racing cannot both pass the
+        # monotonicity check; the outbox row (if any) is written with the stored summary only.
+        row = await self._pool().fetchrow(
+            sql.STORE_SUMMARY, session_id, data.user_id, clean_text(data.summary), data.summarized_upto,
+            data.turn_id, cost, reservation, charge_model,
+        )
+        if row is None or row[0] is None:
+            raise NotFoundError("session not found")
+        return to_session(row)
 
-    async def delete(self, user_id: uuid.UUID, session_id: uuid.UUID) -> None:
-        async with self._transaction() as db:
-            # Entries and turns go with it (ON DELETE CASCADE).
-            deleted = await SessionRepository(session=db).delete_where(id=session_id, user_id=user_id)
-            if not deleted:
-                raise NotFoundError("session not found")
+    # -- outbox ---------------------------------------------------------------------------------
+
+    async def outbox_page(self, older_than_seconds: float, limit: int) -> schemas.OutboxPage:
+        rows = await self._pool().fetch(sql.OUTBOX_PAGE, float(older_than_seconds), limit)
+        Charge, Item = schemas.Charge, schemas.OutboxItem
+        return schemas.OutboxPage(
+            items=[
+                Item(
+                    outbox_id=row[0],
+                    charge=Charge(
+                        key=row[1], kind=row[2], user_id=row[3], session_id=row[4], turn_id=row[5],
+                        cost_nanos=row[6], reservation_id=row[7], model_name=row[8],
+                    ),
+                )
+                for row in rows
+            ]
+        )
+
+    async def outbox_ack(self, outbox_ids: list[int]) -> schemas.OutboxAcked:
+        if not outbox_ids:
+            return schemas.OutboxAcked(acked=0)
+        status = await self._pool().execute(sql.OUTBOX_ACK, outbox_ids)
+        return schemas.OutboxAcked(acked=int(status.rsplit(" ", 1)[1]))
