@@ -5,14 +5,18 @@ import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import asyncpg
 from litestar import Litestar
 from litestar.di import Provide
 
 from chat_billing.accounts.controllers import AccountController
 from chat_billing.accounts.services import AccountService
+from chat_billing.charges.controllers import ChargeController
+from chat_billing.charges.services import ChargeService
 from chat_billing.catalog.controllers import CatalogController
 from chat_billing.catalog.services import CatalogService
 from chat_billing.db import Database
+from chat_billing.pg import Pg, postgres_error_handler
 from chat_billing.reservations.controllers import ReservationController
 from chat_billing.reservations.services import ReservationService
 from chat_billing.reservations.sweeper import sweep_expired_reservations
@@ -21,7 +25,6 @@ from chat_billing.users.controllers import UserController
 from chat_billing.users.services import UserService
 from chat_billing.web import ExactJsonRequest
 from chat_common.app import ServicePlugin
-from chat_common.db import ping
 
 # The largest valid body (a grant of 1000 model ids, settle details) is far below this.
 MAX_BODY_BYTES = 64 * 1024
@@ -30,17 +33,22 @@ MAX_BODY_BYTES = 64 * 1024
 def create_app(settings: BillingSettings | None = None) -> Litestar:
     settings = settings or BillingSettings.from_env()
     # The engine opens no connection until first used, so building it here is safe outside a loop.
+    # (SQLAlchemy, for the admin calls not yet on asyncpg; a small pool.)
     db = Database.connect(
         settings.database_url, settings.db_schema,
-        pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow,
+        pool_size=max(2, settings.db_pool_size // 4), max_overflow=settings.db_max_overflow,
     )
-    users = UserService(db)
+    # asyncpg, for the money path of a turn; its pool opens in the lifespan.
+    pg = Pg(settings.database_url, settings.db_schema, max_size=settings.db_pool_size)
+    users = UserService(db, pg)
     catalog = CatalogService(db)
-    accounts = AccountService(db)
-    reservations = ReservationService(db, settings.reservation_ttl_seconds)
+    accounts = AccountService(db, pg)
+    reservations = ReservationService(pg, settings.reservation_ttl_seconds)
+    charges = ChargeService(pg)
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        await pg.open()
         sweeper = asyncio.create_task(
             sweep_expired_reservations(reservations, settings.reservation_sweep_seconds), name="reservation-sweep"
         )
@@ -50,25 +58,28 @@ def create_app(settings: BillingSettings | None = None) -> Litestar:
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
+            await pg.close()
             await db.close()
 
     plugin = ServicePlugin(
         name="billing",
         service_token=settings.service.service_token,
-        readiness_checks={"database": lambda: ping(db.engine)},
+        readiness_checks={"database": pg.ping},
     )
 
     def constant(value: object) -> Provide:
         return Provide(lambda: value, sync_to_thread=False, use_cache=True)
 
     app = Litestar(
-        route_handlers=[UserController, AccountController, CatalogController, ReservationController],
+        route_handlers=[UserController, AccountController, CatalogController, ReservationController, ChargeController],
         dependencies={
             "user_service": constant(users),
             "catalog": constant(catalog),
             "accounts": constant(accounts),
             "reservations": constant(reservations),
+            "charges": constant(charges),
         },
+        exception_handlers={asyncpg.PostgresError: postgres_error_handler},
         plugins=[plugin],
         lifespan=[lifespan],
         request_class=ExactJsonRequest,
@@ -77,4 +88,5 @@ def create_app(settings: BillingSettings | None = None) -> Litestar:
     )
     app.state.settings = settings
     app.state.db = db
+    app.state.pg = pg
     return app

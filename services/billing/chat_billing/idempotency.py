@@ -96,3 +96,33 @@ async def run_once(
         if key is not None:
             await remember(session, key, status_code, body)
     return json_reply(body, status_code)
+
+
+# -- the same on asyncpg ------------------------------------------------------------------------
+
+_CLAIM = "INSERT INTO idempotency (key, fingerprint) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING RETURNING key"
+_STORED = "SELECT fingerprint, status_code, response FROM idempotency WHERE key = $1"
+_REMEMBER = "UPDATE idempotency SET status_code = $2, response = $3 WHERE key = $1"
+
+
+async def run_once_pg(
+    pool: Any,
+    *,
+    key: str,
+    request_fingerprint: str,
+    status_code: int,
+    work: Callable[[Any], Awaitable[Any]],
+) -> Response[bytes]:
+    """``run_once`` on an asyncpg pool: the key row, the work and the stored reply commit in one
+    transaction (BEGIN, claim, work, remember, COMMIT)."""
+    async with pool.acquire() as connection, connection.transaction():
+        if await connection.fetchval(_CLAIM, key, request_fingerprint) is None:
+            stored = await connection.fetchrow(_STORED, key)
+            if stored["fingerprint"] != request_fingerprint:
+                raise ConflictError(
+                    "idempotency_key was already used for a different request", details={"idempotency_key": key}
+                )
+            return json_reply(stored["response"].encode(), stored["status_code"])
+        body = encode(await work(connection))
+        await connection.execute(_REMEMBER, key, status_code, body.decode())
+    return json_reply(body, status_code)

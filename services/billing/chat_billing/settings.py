@@ -11,9 +11,11 @@ class BillingSettings:
     service: ServiceSettings
     database_url: str
     db_schema: str = "billing"
-    reservation_ttl_seconds: int = 300
+    # A turn's hold is a lease: the gateway renews it every ttl/3 while the AI call runs, so a dead
+    # gateway's hold is back within ttl + sweep interval.
+    reservation_ttl_seconds: int = 30
     # A float so tests can sweep several times a second; operators set whole seconds.
-    reservation_sweep_seconds: float = 30.0
+    reservation_sweep_seconds: float = 5.0
     db_pool_size: int = 20
     db_max_overflow: int = 0
 
@@ -32,8 +34,8 @@ class BillingSettings:
             service=ServiceSettings.from_env("billing", 8003),
             database_url=database_url(),
             db_schema=env_str("BILLING_DB_SCHEMA", "billing"),
-            reservation_ttl_seconds=env_int("RESERVATION_TTL_SECONDS", 300),
-            reservation_sweep_seconds=env_float("RESERVATION_SWEEP_SECONDS", 30.0),
+            reservation_ttl_seconds=env_int("RESERVATION_TTL_SECONDS", 30),
+            reservation_sweep_seconds=env_float("RESERVATION_SWEEP_SECONDS", 5.0),
             db_pool_size=env_int("BILLING_DB_POOL_SIZE", 20),
             db_max_overflow=env_int("BILLING_DB_MAX_OVERFLOW", 0),
         )

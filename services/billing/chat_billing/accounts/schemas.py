@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 from sqlalchemy import Row
 
+from chat_common import contracts
 from chat_billing.accounts.models import LedgerEntry
 from chat_billing.inputs import IdempotencyKey, PositiveNanos, Reason
 from chat_common.money import nanos_to_dollars
@@ -69,9 +70,6 @@ class LedgerPage(msgspec.Struct):
     offset: int
 
 
-class BalanceReply(msgspec.Struct):
-    user_id: uuid.UUID
-    balance: float
-    balance_nanos: int
+class BalanceReply(contracts.Balance, kw_only=True):
     # Held by open reservations; already taken out of balance_nanos.
     reserved_nanos: int

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from chat_billing.accounts.models import LedgerEntry
 from chat_billing.accounts.schemas import AmountRequest, BalanceReply, LedgerEntryReply, LedgerPage
 from chat_billing.db import Database
+from chat_billing.pg import Pg
 from chat_billing.idempotency import fingerprint, run_once
 from chat_billing.metrics import LEDGER_OPERATIONS
 from chat_billing.inputs import MAX_MONEY_NANOS, money_in_nanos
@@ -152,24 +153,27 @@ async def current_balance(session: AsyncSession, user_id: uuid.UUID) -> int | No
     return (await session.execute(select(User.balance_nanos).where(User.id == user_id))).scalar_one_or_none()
 
 
+# One round trip: the balance and what open reservations hold.
+BALANCE = (
+    "SELECT u.balance_nanos, (SELECT coalesce(sum(r.amount_nanos), 0)::bigint FROM reservations r"
+    " WHERE r.user_id = u.id AND r.status = 'open') AS reserved_nanos"
+    " FROM users u WHERE u.id = $1"
+)
+
+
 class AccountService:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, pg: Pg) -> None:
         self.db = db
+        self.pg = pg
 
     async def balance(self, user_id: uuid.UUID) -> BalanceReply:
-        async with self.db.sessions() as session:
-            balance = await current_balance(session, user_id)
-            if balance is None:
-                raise UserNotFound()
-            reserved = (
-                await session.execute(
-                    select(func.coalesce(func.sum(Reservation.amount_nanos), 0)).where(
-                        Reservation.user_id == user_id, Reservation.status == "open"
-                    )
-                )
-            ).scalar_one()
+        row = await self.pg.pool.fetchrow(BALANCE, user_id)
+        if row is None:
+            raise UserNotFound()
+        balance = row["balance_nanos"]
         return BalanceReply(
-            user_id=user_id, balance=nanos_to_dollars(balance), balance_nanos=balance, reserved_nanos=int(reserved)
+            user_id=str(user_id), balance=nanos_to_dollars(balance), balance_nanos=balance,
+            reserved_nanos=row["reserved_nanos"],
         )
 
     async def credit(self, user_id: uuid.UUID, request: AmountRequest) -> Any:

@@ -6,16 +6,13 @@ import msgspec
 
 from chat_billing.catalog.models import CatalogModel
 from chat_billing.inputs import ContextLength, IdempotencyKey, ModelName, PriceNanos, ProviderName
+from chat_common import contracts
 from chat_common.money import nanos_to_dollars
 
 
-class ModelReply(msgspec.Struct):
-    model_id: int
-    name: str
-    provider: str
-    context_length: int
-    input_price_nanos_per_1k: int
-    output_price_nanos_per_1k: int
+class ModelReply(contracts.ModelInfo, kw_only=True):
+    """The contract's ``ModelInfo`` plus prices in dollars and whether it may be used."""
+
     input_price_per_1k: float
     output_price_per_1k: float
     active: bool

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
-from litestar import Controller, Response, get, post
+from litestar import Controller, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, JSONBody
 
 from chat_billing.inputs import parse_uuid
 from chat_billing.reservations.schemas import (
     ExpireReply,
+    LeaseRequest,
     ReleaseRequest,
     ReservationReply,
     ReserveRequest,
@@ -22,9 +23,10 @@ class ReservationController(Controller):
     tags = ["reservations"]
 
     @post("/")
-    async def reserve(self, data: JSONBody[ReserveRequest], reservations: Reservations) -> Response[bytes]:
-        """Hold the estimated cost: 404 unknown user, 403 model not entitled, 402 balance too low."""
-        return await reservations.reserve(data)
+    async def reserve(self, data: JSONBody[ReserveRequest], reservations: Reservations) -> ReservationReply:
+        """Hold the estimated cost: 404 unknown user, 403 model not entitled, 402 balance too low.
+        Idempotent on ``turn_id``: the same turn reserved again gets its first hold back."""
+        return await reservations.reserve(data)  # type: ignore[return-value]  # or a replayed reply
 
     @post("/expire", status_code=200)
     async def expire(self, reservations: Reservations) -> ExpireReply:
@@ -40,11 +42,20 @@ class ReservationController(Controller):
     @post("/{reservation_id:str}/settle", status_code=200)
     async def settle(
         self, reservation_id: FromPath[str], data: JSONBody[SettleRequest], reservations: Reservations
-    ) -> Response[bytes]:
+    ) -> ReservationReply:
+        """Charge the actual cost, once per reservation (settled already: the stored outcome)."""
         return await reservations.settle(parse_uuid(reservation_id, "reservation_id"), data)
 
     @post("/{reservation_id:str}/release", status_code=200)
     async def release(
         self, reservation_id: FromPath[str], data: JSONBody[ReleaseRequest], reservations: Reservations
-    ) -> Response[bytes]:
+    ) -> ReservationReply:
         return await reservations.release(parse_uuid(reservation_id, "reservation_id"), data)
+
+    @post("/{reservation_id:str}/lease", status_code=200)
+    async def lease(
+        self, reservation_id: FromPath[str], data: JSONBody[LeaseRequest], reservations: Reservations
+    ) -> ReservationReply:
+        """Push an open hold's expiry to now + ``ttl_seconds``; 404 for an unknown or another
+        user's reservation; a settled or released one is answered as it is."""
+        return await reservations.lease(parse_uuid(reservation_id, "reservation_id"), data)

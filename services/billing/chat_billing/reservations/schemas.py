@@ -1,22 +1,24 @@
+"""Reservation request and reply bodies. Requests carry the field names of
+``chat_common.contracts`` (ReserveRequest, SettleRequest, ReleaseRequest, LeaseRequest) with
+billing's validation bounds; replies are the contract's ``Reservation`` plus billing's details."""
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import msgspec
-from sqlalchemy import Row
 
-from chat_billing.catalog.models import CatalogModel
 from chat_billing.catalog.schemas import ModelReply
 from chat_billing.inputs import IdempotencyKey, ModelId, ModelName, NonNegativeNanos, Tokens, TtlSeconds, TurnId
-from chat_billing.reservations.models import Reservation
+from chat_common import contracts
 from chat_common.money import nanos_to_dollars
 
 
 class ReserveRequest(msgspec.Struct, forbid_unknown_fields=True):
     """Hold the estimated cost of a turn. ``model_id`` or ``model_name`` (or both, naming the
-    same model). ``turn_id`` is an addition: it is copied to the ledger rows of the turn."""
+    same model). With ``turn_id`` the reserve is idempotent on it: the same turn reserved again
+    gets its first hold back (``idempotency_key`` is then only recorded on the ledger row)."""
 
     user_id: uuid.UUID
     input_tokens: Tokens
@@ -43,61 +45,68 @@ class ReleaseRequest(msgspec.Struct, forbid_unknown_fields=True):
     user_id: uuid.UUID | None = None
 
 
-class ReservationReply(msgspec.Struct):
-    reservation_id: uuid.UUID
+class LeaseRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Push an open hold's expiry to now + ``ttl_seconds`` (a live turn's heartbeat)."""
+
     user_id: uuid.UUID
+    ttl_seconds: TtlSeconds
+
+
+class ReservationReply(contracts.Reservation, kw_only=True):
+    # ``balance_nanos``: the user's balance after the call that last changed the reservation
+    # (for a repeated call: after the first one).
     model: ModelReply
-    amount_nanos: int
-    status: str
-    # The user's balance after this call (for a replay: after the first call).
-    balance_nanos: int
     balance: float
     expires_at: datetime
     created_at: datetime
     input_tokens: int
     output_tokens: int
-    turn_id: str | None
-    cost_nanos: int | None
-    # Taken from the balance for the cost; below cost_nanos only when the balance ran out.
-    charged_nanos: int
-    # The part of the hold the charge did not use, given back to the balance.
+    # Taken from the balance for the cost (contract field ``charged_nanos``) is below
+    # cost_nanos only when the balance ran out; this is the part of the hold given back.
     released_nanos: int
-    shortfall_nanos: int
     release_reason: str | None
     released_at: datetime | None
     settled_at: datetime | None
 
     @classmethod
-    def of(cls, reservation: Reservation | Row[Any], model: CatalogModel, balance_nanos: int) -> "ReservationReply":
-        released = 0
-        if reservation.status != "open":
-            released = reservation.amount_nanos - min(reservation.charged_nanos, reservation.amount_nanos)
+    def of_row(cls, row: Any) -> "ReservationReply":
+        """From a ``reservation_view`` row (migration 0002)."""
+        status = row["status"]
+        amount = row["amount_nanos"]
+        charged = row["charged_nanos"]
+        balance = row["balance_nanos"]
         return cls(
-            reservation_id=reservation.id,
-            user_id=reservation.user_id,
-            model=ModelReply.of(model),
-            amount_nanos=reservation.amount_nanos,
-            status=reservation.status,
-            balance_nanos=balance_nanos,
-            balance=nanos_to_dollars(balance_nanos),
-            expires_at=reservation.expires_at.astimezone(UTC),
-            created_at=reservation.created_at.astimezone(UTC),
-            input_tokens=reservation.input_tokens,
-            output_tokens=reservation.output_tokens,
-            turn_id=reservation.turn_id,
-            cost_nanos=reservation.cost_nanos,
-            charged_nanos=reservation.charged_nanos,
-            released_nanos=released,
-            shortfall_nanos=reservation.shortfall_nanos,
-            release_reason=reservation.release_reason,
-            released_at=_utc(reservation.released_at),
-            settled_at=_utc(reservation.settled_at),
+            reservation_id=str(row["id"]),
+            user_id=str(row["user_id"]),
+            model=ModelReply(
+                model_id=row["model_id"],
+                name=row["model_name"],
+                provider=row["provider"],
+                context_length=row["context_length"],
+                input_price_nanos_per_1k=row["input_price_nanos_per_1k"],
+                output_price_nanos_per_1k=row["output_price_nanos_per_1k"],
+                input_price_per_1k=nanos_to_dollars(row["input_price_nanos_per_1k"]),
+                output_price_per_1k=nanos_to_dollars(row["output_price_nanos_per_1k"]),
+                active=row["active"],
+            ),
+            amount_nanos=amount,
+            status=status,
+            balance_nanos=balance,
+            balance=nanos_to_dollars(balance),
+            expires_at=row["expires_at"],
+            created_at=row["created_at"],
+            input_tokens=row["input_tokens"],
+            output_tokens=row["output_tokens"],
+            turn_id=row["turn_id"],
+            cost_nanos=row["cost_nanos"],
+            charged_nanos=charged,
+            released_nanos=0 if status == "open" else amount - min(charged, amount),
+            shortfall_nanos=row["shortfall_nanos"],
+            release_reason=row["release_reason"],
+            released_at=row["released_at"],
+            settled_at=row["settled_at"],
         )
 
 
 class ExpireReply(msgspec.Struct):
     released: int
-
-
-def _utc(moment: datetime | None) -> datetime | None:
-    return None if moment is None else moment.astimezone(UTC)

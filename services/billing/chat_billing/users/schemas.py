@@ -7,6 +7,7 @@ from typing import Annotated
 
 import msgspec
 
+from chat_common import contracts
 from chat_billing.inputs import IdempotencyKey, ModelId, ModelIdList, NonNegativeNanos, Username
 
 
@@ -26,10 +27,9 @@ class ModelIdsRequest(msgspec.Struct, forbid_unknown_fields=True):
     idempotency_key: IdempotencyKey | None = None
 
 
-class UserReply(msgspec.Struct):
-    user_id: uuid.UUID
-    username: str
+class UserReply(contracts.User, kw_only=True):
+    """The contract's ``User`` plus entitlements, dollars and the creation time."""
+
     models: list[int]
     balance: float
-    balance_nanos: int
     created_at: datetime

@@ -16,6 +16,7 @@ from chat_billing.catalog.models import CatalogModel
 from chat_billing.catalog.schemas import ModelReply, ModelsReply
 from chat_billing.catalog.services import CatalogRepository
 from chat_billing.db import Database
+from chat_billing.pg import Pg
 from chat_billing.idempotency import fingerprint, run_once
 from chat_billing.inputs import money_in_nanos
 from chat_billing.users.models import Entitlement, User
@@ -47,7 +48,7 @@ async def read_user(session: AsyncSession, user_id: uuid.UUID) -> UserReply:
         )
     ).scalars()
     return UserReply(
-        user_id=user.id,
+        user_id=str(user.id),
         username=user.username,
         models=list(model_ids),
         balance=nanos_to_dollars(user.balance_nanos),
@@ -65,9 +66,19 @@ async def entitled_active_models(session: AsyncSession, user_id: uuid.UUID) -> l
     return list(await repository.get_many(statement=statement, order_by=(CatalogModel.name, False)))
 
 
+# One round trip: the user and its entitlements.
+GET_USER = (
+    "SELECT u.id, u.username, u.balance_nanos, u.created_at,"
+    " coalesce((SELECT array_agg(e.model_id ORDER BY e.model_id) FROM entitlements e WHERE e.user_id = u.id),"
+    " '{}'::integer[]) AS models"
+    " FROM users u WHERE u.id = $1"
+)
+
+
 class UserService:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, pg: Pg) -> None:
         self.db = db
+        self.pg = pg
 
     async def create(self, request: CreateUserRequest) -> Response[bytes]:
         balance = money_in_nanos(
@@ -101,8 +112,17 @@ class UserService:
         )
 
     async def get(self, user_id: uuid.UUID) -> UserReply:
-        async with self.db.sessions() as session:
-            return await read_user(session, user_id)
+        row = await self.pg.pool.fetchrow(GET_USER, user_id)
+        if row is None:
+            raise UserNotFound()
+        return UserReply(
+            user_id=str(row["id"]),
+            username=row["username"],
+            balance_nanos=row["balance_nanos"],
+            models=list(row["models"]),
+            balance=nanos_to_dollars(row["balance_nanos"]),
+            created_at=row["created_at"],
+        )
 
     async def models(self, user_id: uuid.UUID) -> ModelsReply:
         async with self.db.sessions() as session:
