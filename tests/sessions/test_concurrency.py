@@ -99,3 +99,69 @@ async def test_concurrent_creates_with_one_session_id_make_one_session(client: h
     assert {session["session_id"] for session in created} == {session_id}
     listing = (await client.get("/v1/sessions", params={"user_id": user})).json()
     assert listing["total"] == 1
+
+
+async def _fenced(client: httpx.AsyncClient, session_id: str, user: str, turn: str, expected: int,
+                  charge: int | None = None) -> httpx.Response:
+    body: dict = {"user_id": user, "turn_id": turn, "expected_entry_count": expected,
+                  "entries": [{"role": "user", "content": f"q-{turn}"}, {"role": "assistant", "content": f"a-{turn}"}]}
+    if charge is not None:
+        body["charge"] = {"cost_nanos": charge}
+    return await client.post(f"/v1/sessions/{session_id}/turns", json=body)
+
+
+async def test_concurrent_fenced_appends_store_exactly_one(client: httpx.AsyncClient, database_url: str) -> None:
+    """N turns that all saw the same count (each believed it held the lock): one is stored,
+    the others are refused as stale and leave nothing behind, not even an outbox row."""
+    user = new_id()
+    session_id = (await create_session(client, user))["session_id"]
+    await append_turn(client, session_id, user)
+    turns = [new_id() for _ in range(N)]
+
+    replies = await asyncio.gather(*(_fenced(client, session_id, user, turn, 2, charge=10) for turn in turns))
+
+    statuses = sorted(reply.status_code for reply in replies)
+    assert statuses == [201] + [409] * (N - 1)
+    assert {reply.json()["error"]["code"] for reply in replies if reply.status_code == 409} == {"stale_turn"}
+    winner = next(reply.json() for reply in replies if reply.status_code == 201)
+    assert (winner["first_seq"], winner["entry_count"], winner["created"]) == (2, 4, True)
+    rows = await fetch(database_url, "SELECT seq, turn_id FROM entries WHERE session_id = $1 ORDER BY seq",
+                       uuid.UUID(session_id))
+    assert [row["seq"] for row in rows] == [0, 1, 2, 3]
+    assert {str(row["turn_id"]) for row in rows[2:]} == {winner["turn_id"]}
+    outbox = await fetch(database_url, "SELECT key FROM outbox WHERE session_id = $1", uuid.UUID(session_id))
+    assert [row["key"] for row in outbox] == [f"turn:{winner['turn_id']}"]
+
+
+async def test_concurrent_fenced_writers_retrying_keep_order_and_replays(client: httpx.AsyncClient) -> None:
+    """Writers that re-read the count after a refusal all get stored, each exactly once, with
+    contiguous seqs; a replay of a stored turn racing them is still answered with its result."""
+    user = new_id()
+    session_id = (await create_session(client, user))["session_id"]
+    turns = [new_id() for _ in range(8)]
+    refusals = 0
+
+    async def writer(turn: str) -> dict:
+        nonlocal refusals
+        while True:
+            count = (await client.get(f"/v1/sessions/{session_id}", params={"user_id": user})).json()["entry_count"]
+            reply = await _fenced(client, session_id, user, turn, count)
+            if reply.status_code == 201:
+                return reply.json()
+            assert reply.status_code == 409 and reply.json()["error"]["code"] == "stale_turn", reply.text
+            refusals += 1
+
+    results = await asyncio.gather(*(writer(turn) for turn in turns))
+    assert all(result["created"] for result in results)
+    assert sorted(result["first_seq"] for result in results) == list(range(0, 16, 2))
+
+    # Replays of every stored turn, with a count now long stale, racing one more fenced append.
+    replays = await asyncio.gather(
+        *(_fenced(client, session_id, user, result["turn_id"], 0) for result in results),
+        _fenced(client, session_id, user, new_id(), 16),
+    )
+    assert [reply.status_code for reply in replays] == [201] * 9
+    assert [reply.json() for reply in replays[:-1]] == [{**result, "created": False} for result in results]
+    assert replays[-1].json()["first_seq"] == 16
+    items = (await client.get(f"/v1/sessions/{session_id}/entries", params={"user_id": user})).json()["items"]
+    assert [item["seq"] for item in items] == list(range(18))
