@@ -226,7 +226,13 @@ class OutboxPage(msgspec.Struct, kw_only=True):
 
 
 class OutboxAck(msgspec.Struct, kw_only=True):
+    """``POST /v1/outbox/ack``: delete these rows (idempotent; unknown ids are ignored)."""
+
     outbox_ids: list[int]
+
+
+class OutboxAcked(msgspec.Struct, kw_only=True):
+    acked: int
 
 
 # -- files --------------------------------------------------------------------------------------
