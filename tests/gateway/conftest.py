@@ -157,6 +157,7 @@ class StandInAI(pb_grpc.AIServiceServicer):
     seen: list[Seen] = field(default_factory=list)
     summaries: list[dict[str, Any]] = field(default_factory=list)
     fallback_summaries: int = 0
+    failed_summaries: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     port: int = 0
     server: Any = None
@@ -200,6 +201,8 @@ class StandInAI(pb_grpc.AIServiceServicer):
         if not self.summarize:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "no Summarize here")
         if self.fail_summaries:
+            with self.lock:
+                self.failed_summaries.append(request.session_id)
             context.abort(grpc.StatusCode.UNAVAILABLE, "summaries are down")
         entries = json.loads(request.chat_entries)
         with self.lock:
@@ -274,16 +277,25 @@ def internal(stack: Stack, service: str, method: str, path: str, body: Any = Non
     return json.loads(payload) if payload else None
 
 
+def summarized_count(summary: str) -> int:
+    """How many entries a stand-in summary covers (one ``role: content`` line each)."""
+    return len(summary.splitlines()) if summary else 0
+
+
 def assert_ai_saw_exact_window(ai: StandInAI, session_id: str, final: list[dict[str, str]], window: int) -> int:
     """Every AI call of the session got exactly the ``window`` entries before its message as
-    history and a summary of everything older; returns how many calls were checked."""
+    history and a summary of the session's first entries that leaves no gap before that window
+    (folded ahead, it may overlap the window, never reach past the message); returns how many
+    calls were checked."""
     positions = {e["content"]: i for i, e in enumerate(final) if e["role"] == "user"}
     seen = ai.seen_for(session_id)
     for call in seen:
         p = positions[call.message]
-        folded = max(0, p - window)
-        assert call.history == final[folded:p], f"history of {call.message!r}"
-        assert call.summary == summary_lines(final[:folded]), f"summary of {call.message!r}"
+        start = max(0, p - window)
+        assert call.history == final[start:p], f"history of {call.message!r}"
+        covered = summarized_count(call.summary)
+        assert start <= covered <= p, f"summary of {call.message!r} covers {covered} of {p} entries"
+        assert call.summary == summary_lines(final[:covered]), f"summary of {call.message!r}"
     return len(seen)
 
 

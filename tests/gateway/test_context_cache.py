@@ -1,24 +1,15 @@
-"""The Redis context cache and the per-session turn lock, against a real Redis."""
+"""The Redis context cache and the per-session turn lock (short lease, renewed while held),
+against a real Redis; and the context's rules for the window and the summary."""
 from __future__ import annotations
 
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
-from chat_common.errors import NotFoundError
-from chat_gateway.chat.context_cache import (
-    CONTEXT_KEY,
-    LOCK_KEY,
-    ContextCache,
-    Entry,
-    LockTimeout,
-    SessionContext,
-    SessionLock,
-)
+from chat_gateway.chat.context_cache import CONTEXT_KEY, LOCK_KEY, ContextStore, Entry, LockTimeout, SessionContext
 
 
 @pytest.fixture
@@ -28,151 +19,147 @@ async def redis(redis_server) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
-class FakeSessions:
-    """Stands in for the sessions service's context endpoint (the truth the cache rebuilds from)."""
-
-    def __init__(self) -> None:
-        self.sessions: dict[str, dict[str, Any]] = {}
-        self.calls = 0
-
-    def add(self, owner: str, entries: int) -> str:
-        session_id = str(uuid.uuid4())
-        self.sessions[session_id] = {
-            "session": {
-                "session_id": session_id,
-                "user_id": owner,
-                "session_name": "name",
-                "model_name": "m",
-                "prompt": "p",
-                "summary": "s",
-                "summarized_upto": max(0, entries - 4),
-                "entry_count": entries,
-                "created_at": "x",
-            },
-            "entries": [
-                {"seq": i + 1, "role": "user" if i % 2 == 0 else "assistant", "content": f"e{i + 1}", "turn_id": "t"}
-                for i in range(entries)
-            ],
-        }
-        return session_id
-
-    async def get(self, path: str, params: dict[str, Any]) -> dict[str, Any]:
-        self.calls += 1
-        session_id = path.split("/")[3]
-        found = self.sessions.get(session_id)
-        if found is None or found["session"]["user_id"] != params["user_id"]:
-            raise NotFoundError("session not found")
-        return {"session": found["session"], "entries": found["entries"][-params["window"]:]}
+def store_for(redis: Redis, *, window: int = 4, lease: float = 5.0, wait: float = 1.0) -> ContextStore:
+    return ContextStore(redis, window_size=window, ttl_seconds=60, lease_seconds=lease, wait_seconds=wait)
 
 
-async def test_miss_rebuilds_from_sessions_and_hit_checks_owner(redis: Redis) -> None:
-    sessions = FakeSessions()
-    owner, other = str(uuid.uuid4()), str(uuid.uuid4())
-    session_id = sessions.add(owner, entries=7)
-    cache = ContextCache(redis, sessions, window_size=4, ttl_seconds=60)  # type: ignore[arg-type]
-
-    # a read outside the lock does not populate the cache
-    context = await cache.load(session_id, owner)
-    assert [e.content for e in context.window] == ["e4", "e5", "e6", "e7"]
-    assert context.window_start == 4 and context.entry_count == 7
-    assert await redis.get(CONTEXT_KEY.format(session_id)) is None
-
-    await cache.load(session_id, owner, write_back=True)
-    assert await redis.ttl(CONTEXT_KEY.format(session_id)) > 0
-    calls = sessions.calls
-    assert (await cache.load(session_id, owner)).summary == "s"
-    assert sessions.calls == calls  # served from Redis
-
-    # the ownership check holds on a cache hit, not only in the sessions service
-    with pytest.raises(NotFoundError):
-        await cache.load(session_id, other)
-    assert sessions.calls == calls
-    with pytest.raises(NotFoundError):
-        await cache.load(str(uuid.uuid4()), owner)
-
-
-async def test_wiped_or_garbled_cache_is_rebuilt(redis: Redis) -> None:
-    sessions = FakeSessions()
-    owner = str(uuid.uuid4())
-    session_id = sessions.add(owner, entries=3)
-    cache = ContextCache(redis, sessions, window_size=10, ttl_seconds=60)  # type: ignore[arg-type]
-    stored = SessionContext(
-        session_id=session_id, owner=owner, name="cached", prompt="p", entry_count=3,
-        window=[Entry("user", "a"), Entry("assistant", "b"), Entry("user", "c")], window_size=10,
+def context(session_id: str, *, entries: int, summarized: int, window: int = 4, cached: int | None = None) -> SessionContext:
+    count = entries if cached is None else cached
+    return SessionContext(
+        session_id=session_id, owner="u", name="n", prompt="p", summary="s", summarized_upto=summarized,
+        entry_count=entries, entries=[Entry("user", f"e{i}") for i in range(entries - count, entries)],
+        window_size=window,
     )
-    await cache.store(stored)
-    assert (await cache.load(session_id, owner)).name == "cached"
 
-    await redis.flushall()
-    assert (await cache.load(session_id, owner)).name == "name"
 
+# -- the context's rules ------------------------------------------------------------------------
+
+
+def test_window_is_the_last_n_entries() -> None:
+    ctx = context("s", entries=7, summarized=3)
+    assert [e.content for e in ctx.window()] == ["e3", "e4", "e5", "e6"]
+    assert context("s", entries=2, summarized=0).window() == [Entry("user", "e0"), Entry("user", "e1")]
+    assert context("s", entries=5, summarized=0, window=0).window() == []
+
+
+def test_gap_means_the_summary_and_window_would_leave_entries_out() -> None:
+    assert not context("s", entries=4, summarized=0).has_gap()
+    assert context("s", entries=5, summarized=0).has_gap()
+    assert not context("s", entries=9, summarized=5).has_gap()
+    assert context("s", entries=10, summarized=5).has_gap()
+    # the summary may overlap the window
+    assert not context("s", entries=10, summarized=10).has_gap()
+
+
+def test_unsummarized_entries_come_from_the_cache_only_when_all_are_there() -> None:
+    ctx = context("s", entries=9, summarized=3)
+    assert [e.content for e in ctx.unsummarized() or []] == ["e3", "e4", "e5", "e6", "e7", "e8"]
+    assert context("s", entries=9, summarized=3, cached=4).unsummarized() is None
+
+
+def test_trimmed_keeps_the_window_and_everything_not_yet_summarized() -> None:
+    ctx = context("s", entries=12, summarized=6).trimmed()
+    assert [e.content for e in ctx.entries] == [f"e{i}" for i in range(6, 12)]
+    ctx = context("s", entries=12, summarized=12).trimmed()
+    assert [e.content for e in ctx.entries] == ["e8", "e9", "e10", "e11"]
+
+
+# -- the lock and the cache ---------------------------------------------------------------------
+
+
+async def test_lock_reads_and_unlock_writes_the_context(redis: Redis) -> None:
+    store = store_for(redis)
+    session_id = str(uuid.uuid4())
+    token, cached = await store.lock(session_id, read_context=True)
+    assert cached is None
+    await store.unlock(session_id, token, context(session_id, entries=12, summarized=12))
+    assert await redis.get(LOCK_KEY.format(session_id)) is None
+    assert await redis.ttl(CONTEXT_KEY.format(session_id)) > 0
+    token, cached = await store.lock(session_id, read_context=True)
+    assert cached is not None and cached.entry_count == 12
+    assert [e.content for e in cached.entries] == ["e8", "e9", "e10", "e11"]  # stored trimmed
+    # released without a context: the cached one stays as it was
+    await store.unlock(session_id, token, None)
+    assert (await store.cached(session_id)) is not None
+
+
+async def test_garbled_or_foreign_settings_context_is_not_trusted(redis: Redis) -> None:
+    store = store_for(redis, window=4)
+    session_id = str(uuid.uuid4())
     await redis.set(CONTEXT_KEY.format(session_id), b"{not json")
-    assert (await cache.load(session_id, owner)).name == "name"
-
-    # a context built for another window size is not trusted
-    await cache.store(stored)
-    other = ContextCache(redis, sessions, window_size=2, ttl_seconds=60)  # type: ignore[arg-type]
-    rebuilt = await other.load(session_id, owner)
-    assert rebuilt.name == "name" and len(rebuilt.window) == 2
-
-    await cache.invalidate(session_id)
+    assert await store.cached(session_id) is None
+    token, _ = await store.lock(session_id, read_context=True)
+    await store.unlock(session_id, token, context(session_id, entries=3, summarized=0))
+    assert await store_for(redis, window=2).cached(session_id) is None  # built for another window
+    await store.invalidate(session_id)
     assert await redis.get(CONTEXT_KEY.format(session_id)) is None
 
 
 async def test_lock_serialises_holders_across_clients(redis_server, redis: Redis) -> None:
     # two clients stand for two gateway processes sharing one Redis
     second = Redis.from_url(redis_server.url(), decode_responses=False)
+    stores = [store_for(redis, wait=10), store_for(second, wait=10)]
     session_id = str(uuid.uuid4())
     inside = 0
     overlaps = 0
-    order: list[int] = []
+    done: list[int] = []
 
     async def turn(i: int) -> None:
         nonlocal inside, overlaps
-        client = redis if i % 2 == 0 else second
-        async with SessionLock(client, session_id, ttl_seconds=5, wait_seconds=10):
-            inside += 1
-            overlaps += inside > 1
-            await asyncio.sleep(0.01)
-            order.append(i)
-            inside -= 1
+        store = stores[i % 2]
+        token, _ = await store.lock(session_id, read_context=True)
+        inside += 1
+        overlaps += inside > 1
+        await asyncio.sleep(0.01)
+        done.append(i)
+        inside -= 1
+        await store.unlock(session_id, token, None)
 
     await asyncio.gather(*(turn(i) for i in range(20)))
     await second.aclose()
-    assert overlaps == 0
-    assert sorted(order) == list(range(20))
+    assert overlaps == 0 and sorted(done) == list(range(20))
     assert await redis.get(LOCK_KEY.format(session_id)) is None
 
 
-async def test_lock_wait_is_bounded(redis: Redis) -> None:
+async def test_lock_wait_is_bounded_and_separate_from_the_lease(redis: Redis) -> None:
     session_id = str(uuid.uuid4())
-    async with SessionLock(redis, session_id, ttl_seconds=5, wait_seconds=1):
-        started = asyncio.get_running_loop().time()
-        with pytest.raises(LockTimeout):
-            await SessionLock(redis, session_id, ttl_seconds=5, wait_seconds=0.3).acquire()
-        assert 0.25 < asyncio.get_running_loop().time() - started < 1.0
+    holder = store_for(redis, lease=5)
+    token, _ = await holder.lock(session_id, read_context=False)
+    with pytest.raises(LockTimeout):
+        await store_for(redis, lease=5, wait=0.3).lock(session_id, read_context=False)
+    await holder.unlock(session_id, token, None)
     # released: free again at once
-    lock = SessionLock(redis, session_id, ttl_seconds=5, wait_seconds=0.1)
-    await lock.acquire()
-    await lock.release()
+    token, _ = await store_for(redis, wait=0.1).lock(session_id, read_context=False)
+    assert await redis.get(LOCK_KEY.format(session_id)) == token.encode()
 
 
-async def test_lock_is_extended_while_held(redis: Redis) -> None:
+async def test_an_unrenewed_lease_runs_out_and_a_renewed_one_does_not(redis: Redis) -> None:
     session_id = str(uuid.uuid4())
-    async with SessionLock(redis, session_id, ttl_seconds=1, wait_seconds=1):
-        # held three times its TTL: a waiter must still not get in
-        with pytest.raises(LockTimeout):
-            await SessionLock(redis, session_id, ttl_seconds=1, wait_seconds=2.5).acquire()
+    dead = store_for(redis, lease=1)  # a gateway that died: nobody renews its lease
+    await dead.lock(session_id, read_context=False)
+    token, _ = await store_for(redis, lease=1, wait=5).lock(session_id, read_context=False)
+    assert await redis.get(LOCK_KEY.format(session_id)) == token.encode()
+
+    other = str(uuid.uuid4())
+    alive = store_for(redis, lease=1)
+    await alive.lock(other, read_context=False)
+    keeper = asyncio.create_task(alive.keep_leases())
+    try:
+        with pytest.raises(LockTimeout):  # held well past its 1 s lease
+            await store_for(redis, lease=1, wait=2.5).lock(other, read_context=False)
+    finally:
+        keeper.cancel()
 
 
 async def test_release_never_frees_someone_elses_lock(redis: Redis) -> None:
     session_id = str(uuid.uuid4())
-    first = SessionLock(redis, session_id, ttl_seconds=5, wait_seconds=1)
-    await first.acquire()
+    first = store_for(redis)
+    token, _ = await first.lock(session_id, read_context=False)
     await redis.delete(LOCK_KEY.format(session_id))  # as after expiry or FLUSHALL
-    second = SessionLock(redis, session_id, ttl_seconds=5, wait_seconds=1)
-    await second.acquire()
-    await first.release()  # compare-and-delete: not its token any more
-    assert await redis.get(LOCK_KEY.format(session_id)) == second.token.encode()
-    await second.release()
+    assert await first.renew_held() == 1  # it notices it lost the lock
+    second = store_for(redis)
+    token2, _ = await second.lock(session_id, read_context=False)
+    await first.unlock(session_id, token, None)  # compare-and-delete: not its token any more
+    assert await redis.get(LOCK_KEY.format(session_id)) == token2.encode()
+    await second.unlock(session_id, token2, None)
     assert await redis.get(LOCK_KEY.format(session_id)) is None

@@ -94,19 +94,20 @@ async def run_window_test(stack: Stack, ai: StandInAI, gateway: ServiceProcess) 
     assert assert_ai_saw_exact_window(ai, session, final, window=10) == 15
     last = ai.seen_for(session)[-1]
     assert len(last.history) == 10 and last.history == final[18:28]
-    assert last.summary.splitlines() == [f"{e['role']}: {e['content']}" for e in final[:18]]
-    # after the 15th turn the summary reaches entry 20: the next turn will see 21-30 + summary
+    # Folded ahead, in chunks: after turn 6 (12 entries, 2 past the window) the whole session
+    # so far, and again after turn 12 (24 entries); turn 15 saw 19-28 and a summary of 1-24.
+    assert last.summary.splitlines() == [f"{e['role']}: {e['content']}" for e in final[:24]]
     stored = internal(stack, "sessions", "GET", f"/v1/sessions/{session}?user_id={user}")
-    assert stored["summarized_upto"] == 20 and stored["entry_count"] == 30
-    assert stored["summary"].splitlines() == [f"{e['role']}: {e['content']}" for e in final[:20]]
-    # 15 turns and 10 folds (after turns 6..15), each debited once
+    assert stored["summarized_upto"] == 24 and stored["entry_count"] == 30
+    assert stored["summary"].splitlines() == [f"{e['role']}: {e['content']}" for e in final[:24]]
+    # 15 turns and 2 folds, each charged once
     money = balance_of(stack, user)
     assert money["reserved_nanos"] == 0
-    assert money["balance_nanos"] == START_NANOS - 15 * PROCESS_COST_NANOS - 10 * SUMMARY_COST_NANOS
+    assert money["balance_nanos"] == START_NANOS - 15 * PROCESS_COST_NANOS - 2 * SUMMARY_COST_NANOS
     # the protocol's balance (type 6, dollars) shows exactly the same fall
     async with connect(ws_url(gateway)) as client:
         shown = assert_ok(await client.request(6, user_id=user), 6)["balance"]
-    assert shown == (START_NANOS - 15 * PROCESS_COST_NANOS - 10 * SUMMARY_COST_NANOS) / 1_000_000_000
+    assert shown == (START_NANOS - 15 * PROCESS_COST_NANOS - 2 * SUMMARY_COST_NANOS) / 1_000_000_000
 
 
 async def test_window_and_summary_with_summarize_rpc(
@@ -114,9 +115,10 @@ async def test_window_and_summary_with_summarize_rpc(
 ) -> None:
     before = len(stand_in_ai.summaries)
     await run_window_test(stack, stand_in_ai, stand_in_gateway)
-    assert len(stand_in_ai.summaries) - before == 10
-    # each fold got exactly the two entries that left the window
-    assert all(len(s["entries"]) == 2 for s in stand_in_ai.summaries[before:])
+    mine = stand_in_ai.summaries[before:]
+    # two folds, each of the 12 entries not yet summarized, the second on top of the first
+    assert [len(s["entries"]) for s in mine] == [12, 12]
+    assert mine[0]["previous"] == "" and len(mine[1]["previous"].splitlines()) == 12
 
 
 async def test_window_and_summary_with_an_original_ai_service(
@@ -124,7 +126,7 @@ async def test_window_and_summary_with_an_original_ai_service(
 ) -> None:
     """Summarize answers UNIMPLEMENTED: the progressive-summary prompt through Process."""
     await run_window_test(stack, original_ai, original_ai_gateway)
-    assert original_ai.fallback_summaries == 10
+    assert original_ai.fallback_summaries == 2
 
 
 async def test_two_gateways_one_session(
@@ -223,28 +225,32 @@ async def test_failed_summary_is_folded_on_the_next_turn(
     user = new_user(stack)
     async with connect(ws_url(stand_in_gateway)) as client:
         session = assert_ok(await client.chat(user, "NEW", "turn 1"), 3)["session_id"]
-        for i in range(2, 7):
+        for i in range(2, 12):
             assert_ok(await client.chat(user, session, f"turn {i}"), 3)
-        assert len(stand_in_ai.summaries_for(session)) == 1  # after turn 6: entries 1-2
+        assert len(stand_in_ai.summaries_for(session)) == 1  # after turn 6: entries 1-12
         stand_in_ai.fail_summaries = True
         try:
-            assert_ok(await client.chat(user, session, "turn 7"), 3)  # the turn still succeeds
+            assert_ok(await client.chat(user, session, "turn 12"), 3)  # its fold fails; the turn stands
+            # the fold runs after the reply (still under the lock): wait until it has failed
+            deadline = time.monotonic() + 10
+            while session not in stand_in_ai.failed_summaries and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert session in stand_in_ai.failed_summaries
         finally:
             stand_in_ai.fail_summaries = False
-        assert_ok(await client.chat(user, session, "turn 8"), 3)
-        assert_ok(await client.chat(user, session, "turn 9"), 3)
+        assert_ok(await client.chat(user, session, "turn 13"), 3)
     final = await chat_of(ws_url(stand_in_gateway), user, session)
     folds = stand_in_ai.summaries_for(session)
-    # turn 8 folded what turn 7 could not (entries 3-4) together with its own (5-6)
-    assert [len(f["entries"]) for f in folds] == [2, 4, 2]
-    assert folds[1]["entries"] == final[2:6]
-    assert folds[1]["previous"].splitlines() == [f"{e['role']}: {e['content']}" for e in final[:2]]
-    # turn 9 saw the exact window and a summary of everything before it
+    # turn 13 folded, before calling the AI, what turn 12 could not (entries 13-24)
+    assert [len(f["entries"]) for f in folds] == [12, 12]
+    assert folds[1]["entries"] == final[12:24]
+    assert folds[1]["previous"].splitlines() == [f"{e['role']}: {e['content']}" for e in final[:12]]
+    # so turn 13 saw the exact window and a summary with no gap before it
     last = stand_in_ai.seen_for(session)[-1]
-    assert last.message == "turn 9" and last.history == final[6:16]
-    assert last.summary.splitlines() == [f"{e['role']}: {e['content']}" for e in final[:6]]
+    assert last.message == "turn 13" and last.history == final[14:24]
+    assert last.summary.splitlines() == [f"{e['role']}: {e['content']}" for e in final[:24]]
     money = balance_of(stack, user)
-    assert money["balance_nanos"] == START_NANOS - 9 * PROCESS_COST_NANOS - 3 * SUMMARY_COST_NANOS
+    assert money["balance_nanos"] == START_NANOS - 13 * PROCESS_COST_NANOS - 2 * SUMMARY_COST_NANOS
 
 
 async def test_busy_session_times_out_with_its_own_code(stack: Stack, stand_in_ai: StandInAI) -> None:
@@ -254,7 +260,7 @@ async def test_busy_session_times_out_with_its_own_code(stack: Stack, stand_in_a
         session = assert_ok(await first.chat(user, "NEW", "hello"), 3)["session_id"]
         await first.send(3, user_id=user, session_id=session, model_id=8, message="slow:5 hold the session")
         await asyncio.sleep(0.5)
-        # the lock outlives its 2 s TTL while the turn runs (it is extended), so this one waits and gives up
+        # the lock is held (its lease renewed) while the turn runs; this one waits its 2 s and gives up
         assert_error(await second.chat(user, session, "me too"), 107, 3, "Session is busy")
         assert assert_ok(await first.recv(), 3)["message"] == "reply to: slow:5 hold the session"
     final = await chat_of(ws_url(gateway), user, session)

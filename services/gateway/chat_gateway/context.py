@@ -1,5 +1,5 @@
-"""What the gateway's handlers share for the life of the process: the internal clients, Redis
-and the AI channel. Built in the lifespan, reached through ``app.state.gateway``."""
+"""What the gateway's handlers share for the life of the process: the typed internal clients,
+Redis and the AI channel. Built in the lifespan, reached through ``app.state.gateway``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,15 +9,16 @@ from redis.asyncio import Redis
 
 from chat_common.aiproto.ai_service_pb2_grpc import AIServiceStub
 from chat_common.client import ServiceClient
+from chat_gateway.clients import BillingClient, FilesClient, SessionsClient
 from chat_gateway.settings import GatewaySettings
 
 
 @dataclass
 class GatewayContext:
     settings: GatewaySettings
-    sessions: ServiceClient
-    files: ServiceClient
-    billing: ServiceClient
+    sessions: SessionsClient
+    files: FilesClient
+    billing: BillingClient
     redis: Redis
     ai_channel: grpc.aio.Channel
     ai: AIServiceStub
@@ -31,9 +32,9 @@ class GatewayContext:
         )
         return cls(
             settings=settings,
-            sessions=ServiceClient("sessions", settings.sessions_url, token),
-            files=ServiceClient("files", settings.files_url, token, timeout=60.0),
-            billing=ServiceClient("billing", settings.billing_url, token),
+            sessions=SessionsClient(ServiceClient("sessions", settings.sessions_url, token)),
+            files=FilesClient(ServiceClient("files", settings.files_url, token, timeout=60.0)),
+            billing=BillingClient(ServiceClient("billing", settings.billing_url, token)),
             redis=Redis.from_url(settings.redis_url, decode_responses=False, health_check_interval=10),
             ai_channel=channel,
             ai=AIServiceStub(channel),

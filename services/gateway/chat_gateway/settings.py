@@ -34,10 +34,16 @@ class GatewaySettings:
     max_chat_history_context: int
     max_file_size_bytes: int
     reserve_output_tokens: int
+    # how long a turn waits for its session's lock
     turn_lock_seconds: float
+    # the lock's lease: renewed while its turn runs, so a dead gateway's lock is gone this soon
+    turn_lock_lease_seconds: float
+    # a turn's hold in billing is a lease of this length, renewed while the turn runs
+    reservation_lease_seconds: float
     context_cache_seconds: int
-    settle_reconcile_seconds: float
-    settle_reconcile_after_seconds: float
+    # the owed-charges worker: how often it runs, and how old an outbox row must be for it
+    outbox_sweep_seconds: float
+    outbox_grace_seconds: float
     # security
     auth_mode: str
     jwt_secret: str
@@ -91,9 +97,11 @@ class GatewaySettings:
             max_file_size_bytes=env_int("MAX_FILE_SIZE", 10) * 1024 * 1024,
             reserve_output_tokens=env_int("RESERVE_OUTPUT_TOKENS", 1024),
             turn_lock_seconds=env_float("TURN_LOCK_SECONDS", 180.0),
+            turn_lock_lease_seconds=env_float("TURN_LOCK_LEASE_SECONDS", 10.0),
+            reservation_lease_seconds=env_float("RESERVATION_LEASE_SECONDS", 30.0),
             context_cache_seconds=env_int("CONTEXT_CACHE_SECONDS", 86400),
-            settle_reconcile_seconds=env_float("SETTLE_RECONCILE_SECONDS", 30.0),
-            settle_reconcile_after_seconds=env_float("SETTLE_RECONCILE_AFTER_SECONDS", 120.0),
+            outbox_sweep_seconds=env_float("OUTBOX_SWEEP_SECONDS", 5.0),
+            outbox_grace_seconds=env_float("OUTBOX_GRACE_SECONDS", 10.0),
             auth_mode=auth_mode,
             jwt_secret=jwt_secret,
             jwt_public_key=jwt_public_key,

@@ -1,18 +1,24 @@
-"""The chat turn (protocol type 3): from a validated request to a durable, debited reply.
+"""The chat turn (protocol type 3): from a validated request to a stored, charged reply.
 
-Order matters and is the contract's:
+The order, and why:
 
-1. a ``turn_id``; every internal call carries it and derives its idempotency key from it
-2. an existing session's context is loaded (ownership checked), else 5 -- or 3 when the user
-   does not exist (looked up only then: on the way to a reply, billing's reserve is the check)
-3. billing reserves an estimate, else 3 (unknown user) / 7 / 15
-5. a "NEW" session is created only now, so a refused turn leaves nothing behind
-6. under the session lock (all replicas): context reloaded, file checked, AI called, turn
-   appended, file marked used, summary folded, reservation settled, cache rewritten
+1. a ``turn_id``; every internal call carries it and the idempotency of each write derives
+   from it (reserve, create, append and settle are all safe to repeat);
+2. the session's lock (all replicas), which also reads its cached context in the same Redis
+   round trip; a foreign session is 5, or 3 when the user does not exist;
+3. billing holds an estimate (3 / 7 / 15 when refused); the hold is a short lease that this
+   process renews while the turn runs, so a turn whose gateway died gives its money back soon;
+4. a ``"NEW"`` session is created only now, so a refused turn leaves nothing behind;
+5. the file is checked, the AI is called;
+6. the append: entries and what the turn owes commit together in the sessions service (its
+   outbox), fenced by the entry count the turn saw, so no stale turn is ever stored and no
+   stored turn is ever left uncharged, whatever dies afterwards;
+7. the hold is settled (so a balance read right after the reply shows the charge) and the reply
+   goes out; when the summary would next leave a gap, it is folded after the reply, still under
+   the lock, so the next turn of the session starts from it.
 
-A failure before the append undoes what the turn did (reservation released, its uploaded file
-and its new session removed); after the append the turn is durable and the client is told so
-even when the summary or the debit must be retried later.
+Until the append every step that succeeded has its undo on a stack (hold, new session, file),
+run in reverse should the turn fail; from the append on nothing is undone: the turn is stored.
 """
 from __future__ import annotations
 
@@ -20,22 +26,23 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
 
 import grpc
 import msgspec
 from google.protobuf.timestamp_pb2 import Timestamp
 from redis.exceptions import RedisError
 
+from chat_common import contracts as c
 from chat_common.aiproto import ai_service_pb2 as pb
 from chat_common.errors import (
     AppError,
     BadRequestError,
+    ConflictError,
     ForbiddenError,
     InsufficientBalanceError,
-    ModelNotEntitledError,
     NotFoundError,
     ServiceUnavailableError,
     UpstreamError,
@@ -43,9 +50,9 @@ from chat_common.errors import (
 from chat_common.logging import request_id_var, turn_id_var
 from chat_common.money import dollars_to_nanos, nanos_to_dollars
 from chat_common.tracing import inject_context
-from chat_gateway.chat.context_cache import ContextCache, Entry, LockTimeout, SessionContext, SessionLock
+from chat_gateway.chat.context_cache import ContextStore, Entry, LockTimeout, SessionContext, context_from_remote
 from chat_gateway.chat.naming import session_name
-from chat_gateway.chat.settlements import PendingSettlements
+from chat_gateway.chat.outbox import OwedCharges
 from chat_gateway.context import GatewayContext
 from chat_gateway.ws.metrics import CHAT_AI_SECONDS
 from chat_gateway.ws.protocol import ChatRequest, ErrorCode, ProtocolError, is_uuid
@@ -58,7 +65,40 @@ SUMMARY_PROMPT = (
     "conversation may need later."
 )
 _SUMMARIZE_UNIMPLEMENTED_SECONDS = 300.0
+# How long an append whose outcome is unknown is asked after (by turn id) before giving up.
+CONFIRM_SECONDS = 10.0
+APPEND_ATTEMPTS = 3
 _entries_encoder = msgspec.json.Encoder()
+
+# -- what a refused step tells the client (PROTOCOL.md section 2); anything else is 14 ----------
+
+REFUSALS: dict[str, tuple[tuple[type[AppError], ErrorCode], ...]] = {
+    "load": ((AppError, ErrorCode.LOAD_SESSION),),
+    "user": ((NotFoundError, ErrorCode.USER_NOT_FOUND), (BadRequestError, ErrorCode.USER_NOT_FOUND)),
+    "reserve": (
+        (ForbiddenError, ErrorCode.MODEL_ACCESS),  # model_not_entitled is a ForbiddenError
+        (InsufficientBalanceError, ErrorCode.INSUFFICIENT_BALANCE),
+        (NotFoundError, ErrorCode.USER_NOT_FOUND),
+    ),
+    "create": ((AppError, ErrorCode.CREATE_SESSION),),
+    "file": ((NotFoundError, ErrorCode.FILE_NOT_FOUND), (BadRequestError, ErrorCode.FILE_NOT_FOUND)),
+}
+
+
+def refusal(step: str, exc: AppError) -> ProtocolError:
+    """The protocol error for a service's refusal of ``step``; failures that are not the
+    client's doing (outages, 5xx) are logged."""
+    if exc.status_code >= 500:
+        logger.error("%s failed: %s", step, exc.message)
+    for kind, code in REFUSALS.get(step, ()):
+        if isinstance(exc, kind):
+            return ProtocolError(code)
+    if exc.status_code < 500:
+        logger.error("%s refused: %s", step, exc.message)
+    return ProtocolError(ErrorCode.INTERNAL)
+
+
+# -- small pure helpers -------------------------------------------------------------------------
 
 
 def last(items: list[Any], n: int) -> list[Any]:
@@ -88,324 +128,250 @@ def _cost_nanos(reply: pb.Response) -> int:
     return 0
 
 
-class _Model(msgspec.Struct):
-    model_id: int
-    name: str
-    provider: str = ""
-    input_price_nanos_per_1k: int = 0
-    output_price_nanos_per_1k: int = 0
-
-
-class _Reservation(msgspec.Struct):
-    reservation_id: str
-    model: _Model
-    amount_nanos: int = 0
-    balance_nanos: int = 0
-
-
-class _File(msgspec.Struct):
-    file_name: str
-    session_id: str | None = None
-    status: str = ""
+# -- the turn -----------------------------------------------------------------------------------
 
 
 @dataclass
-class _TurnState:
-    """What a failing turn must undo."""
+class Turn:
+    """One chat turn's values, filled in step by step."""
 
-    turn_id: str
+    request: ChatRequest
     user_id: str
-    reservation_id: str | None = None
-    created_session: str | None = None
-    file: _File | None = None
-    appended: bool = False
+    turn_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    session_id: str = ""
+    lock_token: str | None = None
+    context: SessionContext | None = None
+    reservation: c.Reservation | None = None
+    file_name: str | None = None  # the canonical name, as the files service issued it
+    file_urls: list[str] = field(default_factory=list)
+    reply_text: str = ""
+    cost_nanos: int = 0
+    stored: c.TurnResult | None = None
+
+    @property
+    def model(self) -> c.ModelInfo:
+        assert self.reservation is not None
+        return self.reservation.model
+
+    def prompt(self) -> str:
+        if self.request.session_prompt is not None:
+            return self.request.session_prompt
+        return self.context.prompt if self.context is not None else ""
 
 
 class TurnRunner:
-    """One per gateway process; holds no per-turn state."""
+    """One per gateway process; per-turn state lives in :class:`Turn`."""
 
     def __init__(self, gateway: GatewayContext) -> None:
         self.gw = gateway
         self.settings = gateway.settings
         self.window = max(0, self.settings.max_chat_history_context)
-        self.cache = ContextCache(
-            gateway.redis, gateway.sessions, window_size=self.window, ttl_seconds=self.settings.context_cache_seconds
-        )
-        self._summarize_missing_until = 0.0
-        self.background: set[asyncio.Task[Any]] = set()
-        self.pending = PendingSettlements(
-            gateway.redis, gateway.billing, reconcile_after_seconds=self.settings.settle_reconcile_after_seconds
-        )
-
-    # -- entry point --------------------------------------------------------------------------
-
-    async def run(self, request: ChatRequest, user_id: str) -> dict[str, Any]:
-        turn_id = str(uuid.uuid4())
-        turn_id_var.set(turn_id)
-        if not is_uuid(user_id):
-            raise ProtocolError(ErrorCode.USER_NOT_FOUND)
-        context = None
-        if not request.is_new:
-            try:
-                context = await self._load(request.session_id, user_id)
-            except ProtocolError:
-                await self._user(user_id)  # an unknown user hears 3 whatever session it named
-                raise
-        state = _TurnState(turn_id=turn_id, user_id=user_id)
-        try:
-            return await self._run(request, context, state)
-        except BaseException:
-            if not state.appended:
-                await asyncio.shield(self._undo(state))
-            raise
-
-    async def _run(
-        self, request: ChatRequest, context: SessionContext | None, state: _TurnState
-    ) -> dict[str, Any]:
-        user_id = state.user_id
-        prompt_now = request.session_prompt if request.session_prompt is not None else (context.prompt if context else "")
-        estimate = estimate_tokens(
-            prompt_now,
-            context.summary if context else "",
-            history_json(context.window) if context else "",
-            request.message,
-        )
-        reservation = await self._reserve(request, user_id, estimate, state)
-        model = reservation.model
-
-        if request.is_new:
-            session_id = await self._create_session(request, user_id, model.name, state)
-        else:
-            session_id = request.session_id
-
-        lock = SessionLock(
-            self.gw.redis,
-            session_id,
-            ttl_seconds=self.settings.turn_lock_seconds,
+        self.store = ContextStore(
+            gateway.redis,
+            window_size=self.window,
+            ttl_seconds=self.settings.context_cache_seconds,
+            lease_seconds=self.settings.turn_lock_lease_seconds,
             wait_seconds=self.settings.turn_lock_seconds,
         )
+        self.owed = OwedCharges(gateway.sessions, gateway.billing, grace_seconds=self.settings.outbox_grace_seconds)
+        self._summarize_missing_until = 0.0
+        self.background: set[asyncio.Task[Any]] = set()
+        # open holds of running turns (reservation id -> user id), renewed while they run
+        self.holds: dict[str, str] = {}
+        self._holds_seen: set[str] = set()
+
+    # -- entry point ----------------------------------------------------------------------------
+
+    async def run(self, request: ChatRequest, user_id: str) -> dict[str, Any]:
+        turn = Turn(request=request, user_id=user_id)
+        turn_id_var.set(turn.turn_id)
+        if not is_uuid(user_id):
+            raise ProtocolError(ErrorCode.USER_NOT_FOUND)
         try:
-            await lock.acquire()
+            async with AsyncExitStack() as undo:
+                await self._prepare(turn, undo)
+                await self._generate(turn)
+                await self._append(turn, undo)
+        except BaseException:
+            if turn.lock_token is not None:
+                # the context is not written back: the next turn rebuilds it from sessions
+                await asyncio.shield(self.store.unlock(turn.session_id, turn.lock_token, None))
+            raise
+        finally:
+            if turn.reservation is not None:
+                self.holds.pop(turn.reservation.reservation_id, None)
+        # Stored: from here on the client hears success, whatever fails.
+        await self._settle(turn)
+        context = self._next_context(turn)
+        token = turn.lock_token
+        assert token is not None and turn.context is not None
+        if context is not None and context.has_gap():
+            self.spawn(self._fold_then_unlock(turn, context, token))
+        else:
+            await self.store.unlock(turn.session_id, token, context)
+        return {
+            "user_id": turn.user_id,
+            "session_id": turn.session_id,
+            "session_name": turn.context.name,
+            "message": turn.reply_text,
+        }
+
+    # -- before the AI --------------------------------------------------------------------------
+
+    async def _prepare(self, turn: Turn, undo: AsyncExitStack) -> None:
+        request = turn.request
+        if not request.is_new:
+            turn.session_id = request.session_id
+            await self._lock_existing(turn)
+        estimate = estimate_tokens(
+            turn.prompt(),
+            turn.context.summary if turn.context else "",
+            history_json(turn.context.window()) if turn.context else "",
+            request.message,
+        )
+        await self._reserve(turn, estimate)
+        assert turn.reservation is not None
+        undo.push_async_callback(self._release_hold, turn)
+        if request.is_new:
+            await self._create_session(turn, undo)
+        if turn.context is not None and turn.context.has_gap():
+            # the fold after the previous turn did not happen (its gateway died, or the AI
+            # failed it): fold now, so that the AI sees no gap
+            await self._fold(turn, turn.context)
+        if request.file_name:
+            await self._attach_file(turn, request.file_name, undo)
+
+    async def _lock_existing(self, turn: Turn) -> None:
+        try:
+            turn.lock_token, cached = await self.store.lock(turn.session_id, read_context=True)
         except LockTimeout:
             raise ProtocolError(ErrorCode.SESSION_BUSY) from None
         except RedisError as exc:
             logger.error("turn lock unavailable: %s", exc)
             raise ProtocolError(ErrorCode.INTERNAL) from None
+        if cached is not None and cached.owner == turn.user_id:
+            turn.context = cached
+        else:
+            turn.context = await self._fetch_context(turn)
+
+    async def _fetch_context(self, turn: Turn) -> SessionContext:
+        """From the sessions service (the truth), with every entry the summary lacks."""
         try:
-            return await self._locked(request, state, session_id, reservation)
-        finally:
-            await asyncio.shield(lock.release())
-
-    async def _locked(
-        self,
-        request: ChatRequest,
-        state: _TurnState,
-        session_id: str,
-        reservation: _Reservation,
-    ) -> dict[str, Any]:
-        user_id = state.user_id
-        model = reservation.model
-        # under the lock: the previous turn of this session is complete and visible
-        context = await self._load(session_id, user_id, write_back=True)
-        prompt = request.session_prompt if request.session_prompt is not None else context.prompt
-
-        file_urls: list[str] = []
-        if request.file_name:
-            file_urls.append(await self._file_url(request.file_name, user_id, session_id, state))
-
-        history = history_json(last(context.window, self.window))
-        ai_request = pb.Request(
-            user_id=user_id,
-            session_id=session_id,
-            chat_message=request.message,
-            model_name=model.name,
-            session_prompt=prompt,
-            file_name=file_urls,
-            chat_summary=context.summary,
-            chat_history=history,
-            # the balance before this turn's hold, as the original sent it
-            balance=nanos_to_dollars(reservation.balance_nanos + reservation.amount_nanos),
-            timestamp=_now(),
-            model_provider=model.provider,
-            input_price_nanos_per_1k=model.input_price_nanos_per_1k,
-            output_price_nanos_per_1k=model.output_price_nanos_per_1k,
-        )
-        try:
-            reply = await self._ai_call("process", self.gw.ai.Process, ai_request)
-        except (grpc.RpcError, asyncio.TimeoutError) as exc:
-            logger.warning("AI service failed the turn: %s", _grpc_text(exc))
-            raise ProtocolError(ErrorCode.AI_RESPONSE) from None
-        cost = _cost_nanos(reply)
-
-        new_entries = [Entry("user", request.message), Entry("assistant", reply.response_text)]
-        if request.file_name:
-            new_entries.append(Entry("file", request.file_name))
-
-        # A crash between the append and the cache write must not leave an old context behind.
-        await self.cache.invalidate(session_id)
-        appended = await self._append(session_id, user_id, state.turn_id, new_entries, request, model.name)
-        state.appended = True
-
-        marking = (
-            asyncio.ensure_future(self._mark_used(request.file_name, user_id, session_id, state.turn_id))
-            if request.file_name
-            else None
-        )
-
-        # From here on the turn is stored: whatever fails, the client hears success and the
-        # turn is debited.
-        summary_cost = 0
-        fresh: SessionContext | None = None
-        try:
-            fresh, summary_cost = await self._after_append(
-                context, new_entries, appended, session_id, user_id, prompt, state.turn_id, model
-            )
+            remote = await self.gw.sessions.context(turn.session_id, turn.user_id, self.window)
+        except NotFoundError:
+            await self._check_user(turn.user_id)  # an unknown user hears 3 whatever session it named
+            raise ProtocolError(ErrorCode.LOAD_SESSION) from None
         except AppError as exc:
-            logger.warning("turn stored; its context will be rebuilt: %s", exc.message)
-        except Exception:
-            logger.exception("turn stored, but updating its summary and context failed")
-        if marking is not None:
-            await marking
-        await self._settle(reservation.reservation_id, cost + summary_cost, state.turn_id, state.user_id)
-        state.reservation_id = None
-        if fresh is not None:
-            await self.cache.store(fresh)
-        return {
-            "user_id": user_id,
-            "session_id": session_id,
-            "session_name": context.name,
-            "message": reply.response_text,
-        }
+            raise refusal("load", exc) from None
+        if remote.session.user_id != turn.user_id:  # the service already checks; belt and braces
+            raise ProtocolError(ErrorCode.LOAD_SESSION)
+        context = context_from_remote(remote, self.window)
+        if context.unsummarized() is None:
+            missing = context.entry_count - context.summarized_upto
+            try:
+                older = await self.gw.sessions.last_entries(turn.session_id, turn.user_id, missing)
+            except AppError as exc:
+                raise refusal("load", exc) from None
+            context.entries = [Entry(e.role, e.content) for e in older.items]
+        return context
 
-    async def _after_append(
-        self,
-        context: SessionContext,
-        new_entries: list[Entry],
-        appended: dict[str, Any],
-        session_id: str,
-        user_id: str,
-        prompt: str,
-        turn_id: str,
-        model: _Model,
-    ) -> tuple[SessionContext, int]:
-        """Fold the summary; returns the context the next turn starts from and the summary's cost."""
-        entry_count = int(appended.get("entry_count", context.entry_count + len(new_entries)))
-        combined = [*context.window, *new_entries]
-        if entry_count != context.entry_count + len(new_entries):
-            # someone wrote to the session outside the lock (or the cache lied): trust the service
-            logger.warning("session %s grew unexpectedly; reloading its context", session_id)
-            context = await self.cache.fetch(session_id, user_id)
-            combined = list(context.window)
-            entry_count = context.entry_count
-        window_start = entry_count - len(combined) + 1
-        summary, summarized_upto, summary_cost = await self._fold_summary(
-            context, combined, window_start, entry_count, session_id, user_id, turn_id, model
+    async def _check_user(self, user_id: str) -> None:
+        try:
+            await self.gw.billing.user(user_id)
+        except AppError as exc:
+            raise refusal("user", exc) from None
+
+    async def _reserve(self, turn: Turn, estimate: int) -> None:
+        request = turn.request
+        body = c.ReserveRequest(
+            user_id=turn.user_id,
+            input_tokens=estimate,
+            output_tokens=self.settings.reserve_output_tokens,
+            turn_id=turn.turn_id,
+            idempotency_key=f"reserve:{turn.turn_id}",
+            model_name=request.model_name or None,
+            model_id=None if request.model_name else request.model_id,
+            ttl_seconds=int(self.settings.reservation_lease_seconds),
         )
-        fresh = SessionContext(
-            session_id=session_id,
-            owner=user_id,
-            name=context.name,
-            prompt=prompt,
-            model_name=model.name,
-            summary=summary,
-            summarized_upto=summarized_upto,
-            entry_count=entry_count,
-            window=last(combined, self.window),
+        try:
+            turn.reservation = await self.gw.billing.reserve(body)
+        except AppError as exc:
+            raise refusal("reserve", exc) from None
+        self.holds[turn.reservation.reservation_id] = turn.user_id
+
+    async def _release_hold(self, turn: Turn) -> None:
+        assert turn.reservation is not None
+        try:
+            await self.gw.billing.release(
+                turn.reservation.reservation_id,
+                c.ReleaseRequest(idempotency_key=f"release:{turn.turn_id}", user_id=turn.user_id),
+            )
+        except AppError as exc:  # its lease runs out and billing's sweep releases it
+            logger.warning("could not release reservation %s: %s", turn.reservation.reservation_id, exc.message)
+
+    async def _create_session(self, turn: Turn, undo: AsyncExitStack) -> None:
+        request = turn.request
+        body = c.SessionCreate(
+            user_id=turn.user_id,
+            name=session_name(request.message),
+            model_name=turn.model.name,
+            prompt=request.session_prompt or "",
+            session_id=str(uuid.uuid4()),
+            idempotency_key=f"session:{turn.turn_id}",
+        )
+        try:
+            created = await self.gw.sessions.create(body)
+        except AppError as exc:
+            raise refusal("create", exc) from None
+        turn.session_id = created.session_id
+        undo.push_async_callback(self._remove_session, turn)
+        # nobody else knows this id yet: the lock is free, and is taken only so that the next
+        # turn waits for this one's fold
+        try:
+            turn.lock_token, _ = await self.store.lock(turn.session_id, read_context=False)
+        except (LockTimeout, RedisError) as exc:
+            logger.error("turn lock unavailable: %s", exc)
+            raise ProtocolError(ErrorCode.INTERNAL) from None
+        turn.context = SessionContext(
+            session_id=created.session_id,
+            owner=turn.user_id,
+            name=created.session_name,
+            prompt=created.prompt,
+            model_name=created.model_name,
             window_size=self.window,
         )
-        return fresh, summary_cost
 
-    # -- steps --------------------------------------------------------------------------------
-
-    async def _user(self, user_id: str) -> dict[str, Any]:
-        if not is_uuid(user_id):
-            raise ProtocolError(ErrorCode.USER_NOT_FOUND)
+    async def _remove_session(self, turn: Turn) -> None:
         try:
-            return await self.gw.billing.get(f"/v1/users/{user_id}")
-        except (NotFoundError, BadRequestError):
-            raise ProtocolError(ErrorCode.USER_NOT_FOUND) from None
+            await self.gw.sessions.remove(turn.session_id, turn.user_id)
         except AppError as exc:
-            logger.error("billing failed to look up the user: %s", exc.message)
-            raise ProtocolError(ErrorCode.INTERNAL) from None
+            logger.warning("could not remove the failed turn's new session: %s", exc.message)
 
-    async def _load(self, session_id: str, user_id: str, *, write_back: bool = False) -> SessionContext:
+    async def _attach_file(self, turn: Turn, file_name: str, undo: AsyncExitStack) -> None:
         try:
-            return await self.cache.load(session_id, user_id, write_back=write_back)
-        except NotFoundError:
-            raise ProtocolError(ErrorCode.LOAD_SESSION) from None
+            record = await self.gw.files.record(file_name, turn.user_id)
         except AppError as exc:
-            logger.error("could not load session context: %s", exc.message)
-            raise ProtocolError(ErrorCode.LOAD_SESSION) from None
-
-    async def _reserve(self, request: ChatRequest, user_id: str, estimate: int, state: _TurnState) -> _Reservation:
-        body: dict[str, Any] = {
-            "user_id": user_id,
-            "input_tokens": estimate,
-            "output_tokens": self.settings.reserve_output_tokens,
-            "idempotency_key": f"reserve:{state.turn_id}",
-            "turn_id": state.turn_id,
-        }
-        if request.model_name:
-            body["model_name"] = request.model_name
-        else:
-            body["model_id"] = request.model_id
-        try:
-            payload = await self.gw.billing.post("/v1/reservations", json=body)
-        except (ModelNotEntitledError, ForbiddenError):
-            raise ProtocolError(ErrorCode.MODEL_ACCESS) from None
-        except InsufficientBalanceError:
-            raise ProtocolError(ErrorCode.INSUFFICIENT_BALANCE) from None
-        except NotFoundError:
-            raise ProtocolError(ErrorCode.USER_NOT_FOUND) from None
-        except AppError as exc:
-            logger.error("billing refused the reservation: %s", exc.message)
-            raise ProtocolError(ErrorCode.INTERNAL) from None
-        reservation = msgspec.convert(payload, _Reservation, strict=False)
-        state.reservation_id = reservation.reservation_id
-        return reservation
-
-    async def _create_session(self, request: ChatRequest, user_id: str, model_name: str, state: _TurnState) -> str:
-        session_id = str(uuid.uuid4())
-        body = {
-            "user_id": user_id,
-            "name": session_name(request.message),
-            "model_name": model_name,
-            "prompt": request.session_prompt or "",
-            "session_id": session_id,
-            "idempotency_key": f"session:{state.turn_id}",
-        }
-        try:
-            created = await self.gw.sessions.post("/v1/sessions", json=body)
-        except AppError as exc:
-            logger.error("could not create the session: %s", exc.message)
-            raise ProtocolError(ErrorCode.CREATE_SESSION) from None
-        session_id = str(created.get("session_id") or session_id)
-        state.created_session = session_id
-        return session_id
-
-    async def _file_url(self, file_name: str, user_id: str, session_id: str, state: _TurnState) -> str:
-        path = f"/v1/files/{quote(file_name, safe='')}"
-        try:
-            record = msgspec.convert(
-                await self.gw.files.get(path, params={"user_id": user_id}), _File, strict=False
-            )
-        except (NotFoundError, BadRequestError):
-            raise ProtocolError(ErrorCode.FILE_NOT_FOUND) from None
-        except AppError as exc:
-            logger.error("files service failed the lookup: %s", exc.message)
-            raise ProtocolError(ErrorCode.INTERNAL) from None
-        if record.session_id is None or str(record.session_id) != session_id:
+            raise refusal("file", exc) from None
+        if record.session_id is None or record.session_id != turn.session_id:
             # a file of this user but of another session is not this turn's to use (or delete)
             raise ProtocolError(ErrorCode.FILE_NOT_FOUND)
-        state.file = record
+        turn.file_name = record.file_name
+        if record.status != "used":
+            undo.push_async_callback(self._remove_file, turn)
         try:
-            signed = await self.gw.files.get(f"{path}/url", params={"user_id": user_id})
-        except NotFoundError:
-            raise ProtocolError(ErrorCode.FILE_NOT_FOUND) from None
+            signed = await self.gw.files.signed_url(record.file_name, turn.user_id)
         except AppError as exc:
-            logger.error("files service failed to sign a URL: %s", exc.message)
-            raise ProtocolError(ErrorCode.INTERNAL) from None
-        return str(signed["url"])
+            raise refusal("file", exc) from None
+        turn.file_urls.append(signed.url)
+
+    async def _remove_file(self, turn: Turn) -> None:
+        assert turn.file_name is not None
+        try:
+            await self.gw.files.remove(turn.file_name, turn.user_id)
+        except AppError as exc:
+            logger.warning("could not remove the failed turn's file: %s", exc.message)
+
+    # -- the AI ---------------------------------------------------------------------------------
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         carrier = {"x-request-id": request_id_var.get() or "", "x-turn-id": turn_id_var.get() or ""}
@@ -419,105 +385,213 @@ class TurnRunner:
         finally:
             CHAT_AI_SECONDS.labels(rpc).observe(time.perf_counter() - started)
 
-    async def _append(
-        self,
-        session_id: str,
-        user_id: str,
-        turn_id: str,
-        entries: list[Entry],
-        request: ChatRequest,
-        model_name: str,
-    ) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "user_id": user_id,
-            "turn_id": turn_id,
-            "entries": [{"role": e.role, "content": e.content} for e in entries],
-            "model_name": model_name,
-        }
-        if request.session_prompt is not None:
-            body["prompt"] = request.session_prompt
-        # the turn_id makes a repeat safe, so ride out a short outage before giving the turn up
-        for attempt in range(3):
+    async def _generate(self, turn: Turn) -> None:
+        context = turn.context
+        reservation = turn.reservation
+        assert context is not None and reservation is not None
+        model = reservation.model
+        ai_request = pb.Request(
+            user_id=turn.user_id,
+            session_id=turn.session_id,
+            chat_message=turn.request.message,
+            model_name=model.name,
+            session_prompt=turn.prompt(),
+            file_name=turn.file_urls,
+            chat_summary=context.summary,
+            chat_history=history_json(context.window()),
+            # the balance before this turn's hold, as the original sent it
+            balance=nanos_to_dollars(reservation.balance_nanos + reservation.amount_nanos),
+            timestamp=_now(),
+            model_provider=model.provider,
+            input_price_nanos_per_1k=model.input_price_nanos_per_1k,
+            output_price_nanos_per_1k=model.output_price_nanos_per_1k,
+        )
+        try:
+            reply = await self._ai_call("process", self.gw.ai.Process, ai_request)
+        except (grpc.RpcError, asyncio.TimeoutError) as exc:
+            logger.warning("AI service failed the turn: %s", _grpc_text(exc))
+            raise ProtocolError(ErrorCode.AI_RESPONSE) from None
+        turn.reply_text = reply.response_text
+        turn.cost_nanos = _cost_nanos(reply)
+
+    # -- the append -----------------------------------------------------------------------------
+
+    def _entries(self, turn: Turn) -> list[c.EntryIn]:
+        entries = [
+            c.EntryIn(role="user", content=turn.request.message),
+            c.EntryIn(role="assistant", content=turn.reply_text),
+        ]
+        if turn.file_name:
+            entries.append(c.EntryIn(role="file", content=turn.file_name))
+        return entries
+
+    async def _append(self, turn: Turn, undo: AsyncExitStack) -> None:
+        context, reservation = turn.context, turn.reservation
+        assert context is not None and reservation is not None
+        body = c.TurnAppend(
+            user_id=turn.user_id,
+            turn_id=turn.turn_id,
+            entries=self._entries(turn),
+            expected_entry_count=context.entry_count,
+            prompt=turn.request.session_prompt,
+            model_name=reservation.model.name,
+            charge=c.OwedCharge(
+                cost_nanos=turn.cost_nanos,
+                reservation_id=reservation.reservation_id,
+                model_name=reservation.model.name,
+            ),
+        )
+        for attempt in range(APPEND_ATTEMPTS):
             try:
-                return await self.gw.sessions.post(f"/v1/sessions/{session_id}/turns", json=body)
+                turn.stored = await self.gw.sessions.append(turn.session_id, body)
+                break
+            except ConflictError as exc:
+                # Another turn was stored since this one read the session (the lock was lost:
+                # Redis wiped, or a lease ran out): this one is refused, never stored out of order.
+                logger.warning("turn refused as stale: %s", exc.message)
+                raise ProtocolError(ErrorCode.INTERNAL) from None
             except (ServiceUnavailableError, UpstreamError) as exc:
-                if attempt == 2:
-                    logger.error("could not append the turn: %s", exc.message)
+                logger.warning("append outcome unknown (%s); asking by turn id", exc.message)
+                found = await self._confirm(turn)
+                if found is None:
+                    # Not known either way: it may be stored, so nothing may be undone (the
+                    # outbox charges it if it is; the hold's lease gives the money back if not).
+                    undo.pop_all()
                     raise ProtocolError(ErrorCode.INTERNAL) from None
-                await asyncio.sleep(0.2 * 2**attempt)
+                if found:
+                    break
+                if attempt + 1 == APPEND_ATTEMPTS:
+                    raise ProtocolError(ErrorCode.INTERNAL) from None
             except AppError as exc:
                 logger.error("sessions refused the turn: %s", exc.message)
                 raise ProtocolError(ErrorCode.INTERNAL) from None
-        raise ProtocolError(ErrorCode.INTERNAL)  # pragma: no cover
+        undo.pop_all()  # stored: nothing of it is undone any more
 
-    async def _mark_used(self, file_name: str, user_id: str, session_id: str, turn_id: str) -> None:
-        try:
-            await self.gw.files.post(
-                f"/v1/files/{quote(file_name, safe='')}/used",
-                json={"user_id": user_id, "session_id": session_id, "turn_id": turn_id},
+    async def _confirm(self, turn: Turn) -> bool | None:
+        """Was the turn stored? True, False, or None when the sessions service cannot say."""
+        deadline = time.monotonic() + CONFIRM_SECONDS
+        delay = 0.2
+        while True:
+            try:
+                turn.stored = await self.gw.sessions.stored_turn(turn.session_id, turn.turn_id, turn.user_id)
+                return True
+            except NotFoundError:
+                return False
+            except AppError as exc:
+                if time.monotonic() + delay > deadline:
+                    logger.error("could not learn whether turn %s was stored: %s", turn.turn_id, exc.message)
+                    return None
+            await asyncio.sleep(delay)
+            delay = min(2.0, delay * 2)
+
+    # -- after the append -----------------------------------------------------------------------
+
+    async def _settle(self, turn: Turn) -> None:
+        """Charge now, so that a balance read right after the reply shows it. Should billing not
+        answer, the charge is in the sessions outbox already and the worker settles it."""
+        reservation = turn.reservation
+        assert reservation is not None
+        settle = self.gw.billing.settle(
+            reservation.reservation_id,
+            c.SettleRequest(
+                cost_nanos=turn.cost_nanos,
+                idempotency_key=f"settle:{turn.turn_id}",
+                user_id=turn.user_id,
+                turn_id=turn.turn_id,
+            ),
+        )
+        if turn.file_name:
+            use = c.FileUse(user_id=turn.user_id, session_id=turn.session_id, turn_id=turn.turn_id)
+            outcomes = await asyncio.gather(
+                settle, self.gw.files.mark_used(turn.file_name, use), return_exceptions=True
             )
-        except AppError as exc:
-            # the entry is stored; the file stays 'attached' and the sweeper leaves attached files be
-            logger.warning("could not mark file used: %s", exc.message)
+        else:
+            outcomes = [await _outcome(settle)]
+        for outcome in outcomes:
+            if isinstance(outcome, AppError):
+                # a file left 'attached' is kept by the sweeper; a charge left owed, by the outbox
+                logger.warning("after the append: %s", outcome.message)
+            elif isinstance(outcome, BaseException):
+                raise outcome
 
-    async def _fold_summary(
-        self,
-        context: SessionContext,
-        combined: list[Entry],
-        window_start: int,
-        entry_count: int,
-        session_id: str,
-        user_id: str,
-        turn_id: str,
-        model: _Model,
-    ) -> tuple[str, int, int]:
-        """Fold every entry older than the last N into the summary. Returns the summary now in
-        force, how far it reaches and what the AI charged for it. A failure keeps the old summary:
-        the next turn folds the same entries again (plus the new ones)."""
-        fold_upto = entry_count - self.window
-        done = context.summarized_upto
-        if fold_upto <= done:
-            return context.summary, done, 0
-        try:
-            if done + 1 >= window_start:
-                pending = combined[done + 1 - window_start: fold_upto + 1 - window_start]
-            else:
-                # earlier summaries failed: the entries to fold have left the cached window
-                payload = await self.gw.sessions.get(
-                    f"/v1/sessions/{session_id}/entries",
-                    params={"user_id": user_id, "last": entry_count - done},
-                )
-                items = payload.get("items", []) if isinstance(payload, dict) else []
-                older = [Entry(str(i["role"]), str(i["content"])) for i in items]
-                pending = older[: fold_upto - done]
-                if len(pending) != fold_upto - done:
-                    raise ValueError(f"expected {fold_upto - done} entries to summarize, got {len(pending)}")
-        except (AppError, KeyError, TypeError, ValueError) as exc:
-            logger.warning("summary postponed: could not read entries: %s", exc)
-            return context.summary, done, 0
+    def _next_context(self, turn: Turn) -> SessionContext | None:
+        """The context the next turn starts from, or None when this one cannot tell it."""
+        context, stored = turn.context, turn.stored
+        assert context is not None and stored is not None
+        added = [Entry(e.role, e.content) for e in self._entries(turn)]
+        if stored.first_seq != context.entry_count or stored.entry_count != context.entry_count + len(added):
+            return None  # not where this turn expected it: rebuilt from sessions next time
+        following = SessionContext(
+            session_id=context.session_id,
+            owner=context.owner,
+            name=context.name,
+            prompt=turn.prompt(),
+            model_name=turn.model.name,
+            summary=context.summary,
+            summarized_upto=context.summarized_upto,
+            entry_count=stored.entry_count,
+            entries=[*context.entries, *added],
+            window_size=context.window_size,
+        )
+        return following.trimmed()
 
+    async def _fold_then_unlock(self, turn: Turn, context: SessionContext, token: str) -> None:
         try:
-            summary, cost = await self._summarize(context.summary, pending, session_id, user_id, model)
+            await self._fold(turn, context)
+        finally:
+            await self.store.unlock(turn.session_id, token, context)
+
+    async def _fold(self, turn: Turn, context: SessionContext) -> bool:
+        """Fold every entry the summary lacks into it (ahead: the whole session so far, so the
+        next folds come only every ``window`` entries). A failure keeps the old summary; the
+        next turn of the session tries again before it calls the AI."""
+        pending = context.unsummarized()
+        upto = context.entry_count
+        if pending is None:
+            logger.warning("summary postponed: entries to fold are not cached")
+            return False
+        try:
+            summary, cost = await self._summarize(context.summary, pending, turn)
         except (grpc.RpcError, asyncio.TimeoutError) as exc:
             logger.warning("summary postponed: AI failed: %s", _grpc_text(exc))
-            return context.summary, done, 0
+            return False
+        charge = c.OwedCharge(cost_nanos=cost, model_name=turn.model.name) if cost else None
         try:
-            await self.gw.sessions.put(
-                f"/v1/sessions/{session_id}/summary",
-                json={"user_id": user_id, "summary": summary, "summarized_upto": fold_upto, "turn_id": turn_id},
+            stored = await self.gw.sessions.store_summary(
+                turn.session_id,
+                c.SummaryUpdate(
+                    user_id=turn.user_id, summary=summary, summarized_upto=upto, turn_id=turn.turn_id, charge=charge
+                ),
             )
         except AppError as exc:
             logger.warning("summary postponed: could not store it: %s", exc.message)
-            return context.summary, done, cost
-        return summary, fold_upto, cost
+            return False
+        context.summary, context.summarized_upto = stored.summary, stored.summarized_upto
+        if charge is not None and stored.summarized_upto == upto:
+            await self._charge_summary(turn, upto, cost)
+        return True
 
-    async def _summarize(
-        self, previous: str, entries: list[Entry], session_id: str, user_id: str, model: _Model
-    ) -> tuple[str, int]:
+    async def _charge_summary(self, turn: Turn, upto: int, cost: int) -> None:
+        item = c.Charge(
+            key=f"summary:{turn.session_id}:{upto}",
+            kind="summary",
+            user_id=turn.user_id,
+            session_id=turn.session_id,
+            turn_id=turn.turn_id,
+            cost_nanos=cost,
+            model_name=turn.model.name,
+        )
+        try:
+            await self.gw.billing.charge([item])
+        except AppError as exc:  # owed in the outbox; the worker charges it
+            logger.warning("summary charge postponed: %s", exc.message)
+
+    async def _summarize(self, previous: str, entries: list[Entry], turn: Turn) -> tuple[str, int]:
+        model = turn.model
         if time.monotonic() >= self._summarize_missing_until:
             request = pb.SummaryRequest(
-                user_id=user_id,
-                session_id=session_id,
+                user_id=turn.user_id,
+                session_id=turn.session_id,
                 model_name=model.name,
                 model_provider=model.provider,
                 previous_summary=previous,
@@ -536,8 +610,8 @@ class TurnRunner:
                 self._summarize_missing_until = time.monotonic() + _SUMMARIZE_UNIMPLEMENTED_SECONDS
         lines = "\n".join(f"{e.role}: {e.content}" for e in entries)
         fallback = pb.Request(
-            user_id=user_id,
-            session_id=session_id,
+            user_id=turn.user_id,
+            session_id=turn.session_id,
             chat_message=f"Current summary:\n{previous}\n\nNew lines of conversation:\n{lines}\n\nNew summary:",
             model_name=model.name,
             session_prompt=SUMMARY_PROMPT,
@@ -551,36 +625,33 @@ class TurnRunner:
         reply = await self._ai_call("process_summary", self.gw.ai.Process, fallback)
         return reply.response_text, _cost_nanos(reply)
 
-    async def _settle(self, reservation_id: str, cost_nanos: int, turn_id: str, user_id: str) -> None:
-        body = {
-            "cost_nanos": cost_nanos,
-            "idempotency_key": f"settle:{turn_id}",
-            "turn_id": turn_id,
-            "user_id": user_id,
-        }
-        path = f"/v1/reservations/{reservation_id}/settle"
-        # Recorded first: should this process die before billing answers, another replica
-        # replays the same (idempotent) call.
-        await self.pending.remember(turn_id, path, body)
-        for attempt in range(3):
-            if await self.pending.settle(turn_id, path, body):
-                return
-            if attempt < 2:
-                await asyncio.sleep(0.1 * 2**attempt)
-        # The turn is stored, so the client hears success; the debit keeps being retried here,
-        # and by any replica's reconciliation should this process go away.
-        logger.error("settle of reservation %s postponed; retrying in the background", reservation_id)
-        self.spawn(self._settle_later(turn_id, path, body))
+    # -- the process's background work ----------------------------------------------------------
 
-    async def _settle_later(self, turn_id: str, path: str, body: dict[str, Any]) -> None:
-        delay = 1.0
-        for _ in range(20):
-            await asyncio.sleep(delay)
-            if await self.pending.settle(turn_id, path, body):
-                logger.info("postponed settle done: %s", path)
-                return
-            delay = min(60.0, delay * 2)
-        logger.error("gave up settling %s here; it stays pending for reconciliation", path)
+    async def renew_holds(self) -> None:
+        """Push forward the leases of holds whose turns have run for a while (a hold seen on
+        two rounds in a row): a quick turn never costs a renewal."""
+        due = [r for r in self.holds if r in self._holds_seen]
+        self._holds_seen = set(self.holds)
+        for reservation_id in due:
+            user_id = self.holds.get(reservation_id)
+            if user_id is None:
+                continue
+            try:
+                await self.gw.billing.lease(
+                    reservation_id,
+                    c.LeaseRequest(user_id=user_id, ttl_seconds=int(self.settings.reservation_lease_seconds)),
+                )
+            except AppError as exc:
+                logger.warning("could not renew the hold %s: %s", reservation_id, exc.message)
+
+    async def keep_holds(self) -> None:
+        interval = max(1.0, self.settings.reservation_lease_seconds / 3)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.renew_holds()
+            except Exception:  # the next round tries again
+                logger.exception("renewing holds failed")
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         """A task that outlives the socket that asked for it (kept referenced until done)."""
@@ -590,36 +661,16 @@ class TurnRunner:
         task.add_done_callback(self.background.discard)
         return task
 
-    async def _undo(self, state: _TurnState) -> None:
-        """Best effort: each step on its own, none may hide the original error."""
-        if state.reservation_id:
-            try:
-                await self.gw.billing.post(
-                    f"/v1/reservations/{state.reservation_id}/release",
-                    json={"idempotency_key": f"release:{state.turn_id}", "user_id": state.user_id},
-                )
-            except AppError as exc:
-                # billing's sweeper releases it when it expires
-                logger.warning("could not release reservation %s: %s", state.reservation_id, exc.message)
-        if state.file is not None and state.file.status != "used":
-            try:
-                await self.gw.files.delete(
-                    f"/v1/files/{quote(state.file.file_name, safe='')}", params={"user_id": state.user_id}
-                )
-            except AppError as exc:
-                logger.warning("could not remove the failed turn's file: %s", exc.message)
-        if state.created_session:
-            try:
-                await self.gw.sessions.delete(
-                    f"/v1/sessions/{state.created_session}", params={"user_id": state.user_id}
-                )
-                await self.cache.invalidate(state.created_session)
-            except AppError as exc:
-                logger.warning("could not remove the failed turn's new session: %s", exc.message)
-
     async def drain(self, timeout: float) -> None:
         if self.background:
             await asyncio.wait(list(self.background), timeout=timeout)
+
+
+async def _outcome(awaitable: Any) -> Any:
+    try:
+        return await awaitable
+    except AppError as exc:
+        return exc
 
 
 def _forget(task: asyncio.Task[Any]) -> None:

@@ -1,0 +1,166 @@
+"""Typed clients of the internal services, one per service, each owning its paths.
+
+Every method sends and receives the structs of :mod:`chat_common.contracts`; nothing on the
+turn's path builds or reads a dict. Retries are decided here, once per kind of call, and
+nowhere above: reads and calls made idempotent by a key or a turn id ride out a short outage
+(``IDEMPOTENT``); the append is sent once (``SEND_ONCE``) because the turn itself decides,
+after asking by turn id, whether a repeat is needed.
+"""
+from __future__ import annotations
+
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+from chat_common import contracts as c
+from chat_common.client import IDEMPOTENT, SEND_ONCE, RetryPolicy, ServiceClient
+
+T = TypeVar("T")
+
+
+
+def _path_part(value: str) -> str:
+    return quote(value, safe="")
+
+
+class _Typed:
+    def __init__(self, http: ServiceClient) -> None:
+        self.http = http
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        reply: type[T],
+        *,
+        body: Any = None,
+        params: dict[str, Any] | None = None,
+        retry: RetryPolicy = IDEMPOTENT,
+    ) -> T:
+        return await self.http.request(method, path, json=body, params=params, retry=retry, type=reply)  # type: ignore[no-any-return]
+
+    async def ping(self) -> None:
+        await self.http.ping()
+
+    # Untyped calls, for the routes off the turn's path that still read plain JSON (listings,
+    # uploads and downloads); each goes through the same client, retries and error mapping.
+    async def get(self, path: str, **kwargs: Any) -> Any:
+        return await self.http.get(path, **kwargs)
+
+    async def post(self, path: str, **kwargs: Any) -> Any:
+        return await self.http.post(path, **kwargs)
+
+    async def delete(self, path: str, **kwargs: Any) -> Any:
+        return await self.http.delete(path, **kwargs)
+
+    def stream(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self.http.stream(method, path, **kwargs)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+
+class BillingClient(_Typed):
+    async def reserve(self, request: c.ReserveRequest) -> c.Reservation:
+        # idempotent on turn_id: a repeat gets the first hold back
+        return await self._call("POST", "/v1/reservations", c.Reservation, body=request)
+
+    async def settle(self, reservation_id: str, request: c.SettleRequest) -> c.Reservation:
+        return await self._call(
+            "POST", f"/v1/reservations/{_path_part(reservation_id)}/settle", c.Reservation, body=request
+        )
+
+    async def release(self, reservation_id: str, request: c.ReleaseRequest) -> c.Reservation:
+        return await self._call(
+            "POST", f"/v1/reservations/{_path_part(reservation_id)}/release", c.Reservation, body=request
+        )
+
+    async def lease(self, reservation_id: str, request: c.LeaseRequest) -> c.Reservation:
+        return await self._call(
+            "POST", f"/v1/reservations/{_path_part(reservation_id)}/lease", c.Reservation, body=request
+        )
+
+    async def charge(self, items: list[c.Charge]) -> c.ChargeBatchResult:
+        return await self._call("POST", "/v1/charges", c.ChargeBatchResult, body=c.ChargeBatch(items=items))
+
+    async def user(self, user_id: str) -> c.User:
+        return await self._call("GET", f"/v1/users/{_path_part(user_id)}", c.User)
+
+    async def balance(self, user_id: str) -> c.Balance:
+        return await self._call("GET", f"/v1/users/{_path_part(user_id)}/balance", c.Balance)
+
+
+class SessionsClient(_Typed):
+    async def create(self, request: c.SessionCreate) -> c.Session:
+        # idempotent on the session id and key the turn derives
+        return await self._call("POST", "/v1/sessions", c.Session, body=request)
+
+    async def context(self, session_id: str, user_id: str, window: int) -> c.SessionContext:
+        return await self._call(
+            "GET",
+            f"/v1/sessions/{_path_part(session_id)}/context",
+            c.SessionContext,
+            params={"user_id": user_id, "window": window},
+        )
+
+    async def last_entries(self, session_id: str, user_id: str, last: int) -> c.EntryList:
+        return await self._call(
+            "GET",
+            f"/v1/sessions/{_path_part(session_id)}/entries",
+            c.EntryList,
+            params={"user_id": user_id, "last": last},
+        )
+
+    async def append(self, session_id: str, request: c.TurnAppend) -> c.TurnResult:
+        # Sent once: a repeat is safe (turn id), but whether to repeat is the turn's decision,
+        # made after it has asked what happened (``stored_turn``).
+        return await self._call(
+            "POST", f"/v1/sessions/{_path_part(session_id)}/turns", c.TurnResult, body=request, retry=SEND_ONCE
+        )
+
+    async def stored_turn(self, session_id: str, turn_id: str, user_id: str) -> c.TurnResult:
+        return await self._call(
+            "GET",
+            f"/v1/sessions/{_path_part(session_id)}/turns/{_path_part(turn_id)}",
+            c.TurnResult,
+            params={"user_id": user_id},
+        )
+
+    async def store_summary(self, session_id: str, request: c.SummaryUpdate) -> c.Session:
+        return await self._call("PUT", f"/v1/sessions/{_path_part(session_id)}/summary", c.Session, body=request)
+
+    async def remove(self, session_id: str, user_id: str) -> None:
+        await self.http.request(
+            "DELETE", f"/v1/sessions/{_path_part(session_id)}", params={"user_id": user_id}, retry=IDEMPOTENT
+        )
+
+    async def owed(self, older_than_seconds: float, limit: int) -> c.OutboxPage:
+        return await self._call(
+            "GET", "/v1/outbox", c.OutboxPage, params={"older_than_seconds": older_than_seconds, "limit": limit}
+        )
+
+    async def acknowledge(self, outbox_ids: list[int]) -> None:
+        await self.http.request("POST", "/v1/outbox/ack", json=c.OutboxAck(outbox_ids=outbox_ids), retry=IDEMPOTENT)
+
+
+class FilesClient(_Typed):
+    async def record(self, file_name: str, user_id: str) -> c.FileRecord:
+        return await self._call("GET", f"/v1/files/{_path_part(file_name)}", c.FileRecord, params={"user_id": user_id})
+
+    async def signed_url(self, file_name: str, user_id: str) -> c.SignedUrl:
+        return await self._call(
+            "GET", f"/v1/files/{_path_part(file_name)}/url", c.SignedUrl, params={"user_id": user_id}
+        )
+
+    async def mark_used(self, file_name: str, use: c.FileUse) -> None:
+        await self.http.request("POST", f"/v1/files/{_path_part(file_name)}/used", json=use, retry=IDEMPOTENT)
+
+    async def remove(self, file_name: str, user_id: str) -> None:
+        await self.http.request(
+            "DELETE", f"/v1/files/{_path_part(file_name)}", params={"user_id": user_id}, retry=IDEMPOTENT
+        )
+
+    async def remove_session_files(self, session_id: str, user_id: str) -> None:
+        await self.http.request(
+            "DELETE", f"/v1/sessions/{_path_part(session_id)}/files", params={"user_id": user_id}, retry=IDEMPOTENT
+        )
+
