@@ -184,6 +184,7 @@ async def test_outbox_pages_oldest_first_and_acks(client: AsyncTestClient, datab
     ids = [item.outbox_id for item in page.items]
     acked = await client.post("/v1/outbox/ack", json={"outbox_ids": ids[:2] + [10**12]})
     assert acked.status_code == 200 and acked.json() == {"acked": 2}
+    assert msgspec.json.decode(acked.content, type=contracts.OutboxAcked).acked == 2
     again = await client.post("/v1/outbox/ack", json=msgspec.to_builtins(contracts.OutboxAck(outbox_ids=ids[:2])))
     assert again.json() == {"acked": 0}
     assert (await client.post("/v1/outbox/ack", json={"outbox_ids": []})).json() == {"acked": 0}
