@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -181,8 +182,12 @@ class TokenVerifier:
             raise AuthenticationError("token subject is not a user id")
         if any(ord(c) < 32 or ord(c) == 127 for c in subject):
             raise AuthenticationError("token subject is not a user id")
-        exp = claims.get("exp")
-        return Identity(user_id=canonical_user_id(subject), expires_at=float(exp) if isinstance(exp, (int, float)) else None)
+        for claim in _TIME_CLAIMS:
+            # PyJWT compares int(value): "exp": "99999999999" would pass its checks, and a
+            # string exp used to leave the socket without an expiry. RFC 7519: NumericDate.
+            if claim in claims and not _numeric_date(claims[claim]):
+                raise AuthenticationError(f"token {claim} claim is not a number")
+        return Identity(user_id=canonical_user_id(subject), expires_at=float(claims["exp"]))
 
     async def _key_for(self, alg: str, header: dict[str, Any]) -> Any:
         if alg in _HMAC:
@@ -210,6 +215,15 @@ class TokenVerifier:
         if not isinstance(key, _ASYMMETRIC[alg]):
             raise AuthenticationError("token algorithm not accepted")
         return key
+
+
+_TIME_CLAIMS = ("exp", "nbf", "iat")
+
+
+def _numeric_date(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return math.isfinite(value)
 
 
 _verifiers: dict[int, tuple[GatewaySettings, TokenVerifier]] = {}

@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from litestar import Controller, Request, delete, get, post
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
 from litestar.params import Parameter
 from litestar.response import Stream
 
@@ -24,9 +26,32 @@ OriginalName = Annotated[str, Parameter(min_length=1, max_length=schemas.MAX_ORI
 
 def _checked_name(file_name: str) -> str:
     # Names are made by this service; anything else cannot exist, whatever it looks like.
-    if not _FILE_NAME.match(file_name):
+    # fullmatch: ``$`` alone would let "<name>\n" through.
+    if not _FILE_NAME.fullmatch(file_name):
         raise NotFoundError("file not found")
     return file_name
+
+
+def canonical_path_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """The file name must be the path segment as sent: the router folds "//x", "x/" and an
+    encoded "%2Fx" into the same route as "x", so without this a caller holding a name of its
+    own making ("/" + a real name) would be served the real file and believe its name valid."""
+    file_name = connection.path_params.get("file_name")
+    if file_name is None:
+        return
+    raw = connection.scope.get("raw_path", b"").decode("latin-1").split("?", 1)[0]
+    segments = raw.split("/")
+    try:
+        at = segments.index("files")
+    except ValueError:
+        raise NotFoundError("file not found") from None
+    if (
+        at + 1 >= len(segments)
+        or segments[at + 1] != file_name
+        or raw.endswith("/")
+        or "" in segments[1:]
+    ):
+        raise NotFoundError("file not found")
 
 
 def _content_length(request: Request) -> int | None:
@@ -51,6 +76,7 @@ async def _body(request: Request) -> AsyncIterator[bytes]:
 
 class FilesController(Controller):
     path = "/v1"
+    guards = [canonical_path_guard]
 
     @post("/uploads", status_code=201, request_max_body_size=None)
     async def upload(

@@ -17,13 +17,7 @@ from litestar import Request, Response, get, post
 from litestar.exceptions import InternalServerException
 from litestar.response import Stream
 
-from chat_common.errors import (
-    AppError,
-    BadRequestError,
-    ForbiddenError,
-    NotFoundError,
-    PayloadTooLargeError,
-)
+from chat_common.errors import AppError, NotFoundError
 from chat_gateway.auth import authenticate_http, same_user
 from chat_gateway.context import GatewayContext
 from chat_gateway.settings import GatewaySettings
@@ -36,6 +30,13 @@ from chat_gateway.uploads.multipart import (
     boundary_of,
 )
 from chat_gateway.uploads.pipe import FilePipe
+from chat_gateway.uploads.refusals import (
+    BadUpload,
+    UploadForbidden,
+    UploadNotFound,
+    UploadTooLarge,
+    client_failure,
+)
 from chat_gateway.ws.limits import Verdict, limits_for, subject_of
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,9 @@ logger = logging.getLogger(__name__)
 UPLOAD_OK = "File uploaded successfully"
 USER_NOT_FOUND = "User Does Not Exists"
 SESSION_NOT_FOUND = "Session not found"
+MODEL_ACCESS = "User Does Not Have Model Access"
+MAX_MODEL_NAME_CHARS = 200  # what the sessions service stores (and the socket protocol accepts)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 NEW_SESSION = "NEW"
 SESSION_NAME_CHARS = 20
 # What the files service looks at to tell a file's type (content_types.HEAD_BYTES there).
@@ -80,14 +84,14 @@ async def _rate_limited(request: Request, ctx: GatewayContext, authenticated: st
 def _parse_user_id(raw: str, authenticated: str | None) -> str:
     raw = raw.strip()
     if authenticated is not None and raw and not same_user(raw, authenticated):
-        raise ForbiddenError("user_id does not match the authenticated user")
+        raise UploadForbidden("user_id does not match the authenticated user")
     value = raw or (authenticated or "")
     if not value:
-        raise BadRequestError("missing field: user_id")
+        raise BadUpload("missing field: user_id")
     try:
         return str(uuid.UUID(value))
     except ValueError as exc:
-        raise BadRequestError("user_id must be a UUID") from exc
+        raise BadUpload("user_id must be a UUID") from exc
 
 
 def _parse_session_id(raw: str) -> str:
@@ -95,11 +99,11 @@ def _parse_session_id(raw: str) -> str:
     if raw == NEW_SESSION:
         return raw
     if not raw:
-        raise BadRequestError("missing field: session_id")
+        raise BadUpload("missing field: session_id")
     try:
         return str(uuid.UUID(raw))
     except ValueError as exc:
-        raise BadRequestError('session_id must be a UUID or "NEW"') from exc
+        raise BadUpload('session_id must be a UUID or "NEW"') from exc
 
 
 def session_name_for(original_name: str) -> str:
@@ -126,6 +130,7 @@ class _Upload:
         self.pipe: FilePipe | None = None
         self.stored: dict[str, Any] | None = None
         self.created_session: str | None = None
+        self.model_name: str | None = None
 
     # -- checks ----------------------------------------------------------------------------------
 
@@ -134,18 +139,40 @@ class _Upload:
         try:
             await self.ctx.billing.get(f"/v1/users/{self.user_id}")
         except NotFoundError as exc:
-            raise NotFoundError(USER_NOT_FOUND) from exc
+            raise UploadNotFound(USER_NOT_FOUND) from exc
         self.user_checked = True
 
     async def check_session(self) -> None:
-        """The session is "NEW" or one of the user's own (another's is reported as missing)."""
+        """The session is "NEW" or one of the user's own (another's is reported as missing).
+        For "NEW", the model it is to use must be one the user is granted: checked here,
+        before the file or the session is created."""
         self.session_id = _parse_session_id(self.fields.get("session_id", ""))
         if self.session_id != NEW_SESSION:
             try:
                 await self.ctx.sessions.get(f"/v1/sessions/{self.session_id}", params={"user_id": self.user_id})
             except NotFoundError as exc:
-                raise NotFoundError(SESSION_NOT_FOUND) from exc
+                raise UploadNotFound(SESSION_NOT_FOUND) from exc
+        elif "model_name" in self.fields or self.stored is not None:
+            await self.check_model()
         self.session_checked = True
+
+    async def check_model(self) -> None:
+        model_name = self.fields.get("model_name", "").strip()
+        if not model_name:
+            raise BadUpload("missing field: model_name (needed to create a NEW session)")
+        if len(model_name) > MAX_MODEL_NAME_CHARS:
+            raise BadUpload(f"model_name is too long (at most {MAX_MODEL_NAME_CHARS} characters)")
+        if _CONTROL.search(model_name):
+            raise BadUpload("model_name must not contain control characters")
+        try:
+            granted = await self.ctx.billing.get(f"/v1/users/{self.user_id}/models")
+        except NotFoundError as exc:
+            raise UploadNotFound(USER_NOT_FOUND) from exc
+        names = {m.get("name") for m in granted.get("models") or [] if isinstance(m, dict)}
+        if model_name not in names:
+            # unknown and not granted read the same: the catalogue is not the client's to probe
+            raise UploadForbidden(MODEL_ACCESS)
+        self.model_name = model_name
 
     # -- events ----------------------------------------------------------------------------------
 
@@ -154,9 +181,9 @@ class _Upload:
 
     async def on_file_start(self, event: FileStart) -> None:
         if len(event.filename.encode()) > MAX_RAW_FILE_NAME_BYTES:
-            raise BadRequestError(f"file name is too long (at most {MAX_RAW_FILE_NAME_BYTES} bytes)")
+            raise BadUpload(f"file name is too long (at most {MAX_RAW_FILE_NAME_BYTES} bytes)")
         if not event.filename.strip():
-            raise BadRequestError("the file has no name")
+            raise BadUpload("the file has no name")
         self.original_name = event.filename
         # Fields sent before the file are checked before any byte of it is sent on: a wrong
         # user or session is refused at once, and with the owner known the files service
@@ -169,7 +196,7 @@ class _Upload:
     async def on_file_data(self, event: FileData) -> None:
         self.file_bytes += len(event.data)
         if self.file_bytes > self.settings.max_file_size_bytes:
-            raise PayloadTooLargeError(f"File is larger than the {self._limit_text()} limit")
+            raise UploadTooLarge(f"File is larger than the {self._limit_text()} limit")
         if self.pipe is not None:
             await self.pipe.write(event.data)
             return
@@ -206,7 +233,7 @@ class _Upload:
 
     async def complete(self) -> dict[str, Any]:
         if self.stored is None:
-            raise BadRequestError("missing field: file")
+            raise BadUpload("missing field: file")
         if not self.user_checked:
             await self.check_user()
         if not self.session_checked:
@@ -214,12 +241,12 @@ class _Upload:
         file_name = self.stored["file_name"]
         session_id = self.session_id
         if session_id == NEW_SESSION:
-            model_name = self.fields.get("model_name", "").strip()
-            if not model_name:
-                raise BadRequestError("missing field: model_name (needed to create a NEW session)")
+            if self.model_name is None:
+                await self.check_model()
+            model_name = self.model_name
             prompt = self.fields.get("session_prompt", "")
             if len(prompt) > self.settings.max_prompt_chars:
-                raise BadRequestError(f"session_prompt is too long (at most {self.settings.max_prompt_chars} characters)")
+                raise BadUpload(f"session_prompt is too long (at most {self.settings.max_prompt_chars} characters)")
             session = await self.ctx.sessions.post(
                 "/v1/sessions",
                 json={
@@ -276,7 +303,7 @@ def _field_limits(settings: GatewaySettings) -> dict[str, int]:
     return {
         "user_id": 200,
         "session_id": 200,
-        "model_name": 400,
+        "model_name": MAX_MODEL_NAME_CHARS * 4,  # bytes; the character limit is checked after
         "session_prompt": settings.max_prompt_chars * 4,  # characters of up to 4 UTF-8 bytes
     }
 
@@ -294,7 +321,7 @@ async def upload_file(request: Request) -> Response[dict[str, Any]]:
     try:
         # 401 for a missing or refused token, 503 when tokens cannot be checked right now.
         authenticated = await authenticate_http(request, settings)
-    except AppError as exc:
+    except AppError as exc:  # auth.py's reasons are written for the client
         return _failure(exc.status_code, exc.message)
     try:
         boundary = boundary_of(request.headers.get("content-type"))
@@ -302,10 +329,10 @@ async def upload_file(request: Request) -> Response[dict[str, Any]]:
         declared = request.headers.get("content-length")
         if declared is not None:
             if not declared.isdigit():
-                raise BadRequestError("Content-Length must be a non-negative integer")
+                raise BadUpload("Content-Length must be a non-negative integer")
             if int(declared) > body_limit:
                 # Refused before reading a byte of it.
-                raise PayloadTooLargeError(
+                raise UploadTooLarge(
                     f"File is larger than the {settings.max_file_size_bytes / (1024 * 1024):g} MB limit"
                 )
         # After the checks that need no I/O: a client that declared too much and went quiet
@@ -319,7 +346,7 @@ async def upload_file(request: Request) -> Response[dict[str, Any]]:
             # Counted whatever Content-Length claimed (or when it is absent: chunked bodies).
             received += len(chunk)
             if received > body_limit:
-                raise PayloadTooLargeError(
+                raise UploadTooLarge(
                     f"File is larger than the {settings.max_file_size_bytes / (1024 * 1024):g} MB limit"
                 )
             for event in form.feed(chunk):
@@ -341,11 +368,7 @@ async def upload_file(request: Request) -> Response[dict[str, Any]]:
     except AppError as exc:
         if upload is not None:
             await upload.discard()
-        status = exc.status_code if exc.status_code < 500 else 503
-        message = exc.message if exc.status_code < 500 else "file storage is unavailable, try again later"
-        if exc.status_code >= 500:
-            logger.warning("upload failed: %s", exc.message)
-        return _failure(status, message)
+        return _failure(*client_failure(exc))
     except BaseException:
         if upload is not None:
             await upload.discard()
@@ -363,12 +386,13 @@ def _content_disposition(original_name: str) -> str:
 @get("/uploads/{file_name:path}")
 async def download_file(request: Request, file_name: str) -> Response[Any]:
     ctx = _context(request)
-    file_name = file_name.lstrip("/")
-    if not _FILE_NAME.match(file_name):
+    # the path parameter keeps its leading separator; one more "/" is not a name ever issued
+    file_name = file_name[1:] if file_name.startswith("/") else file_name
+    if not _FILE_NAME.fullmatch(file_name):
         return _failure(404, "File not found")
     try:
         authenticated = await authenticate_http(request, ctx.settings)
-    except AppError as exc:
+    except AppError as exc:  # auth.py's reasons are written for the client
         return _failure(exc.status_code, exc.message)
     if (limited := await _rate_limited(request, ctx, authenticated)) is not None:
         return limited

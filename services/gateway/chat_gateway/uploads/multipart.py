@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
-from chat_common.errors import BadRequestError, PayloadTooLargeError
+from chat_gateway.uploads.refusals import BadUpload, UploadTooLarge
 
 FILE_FIELD = "file"
 MAX_BOUNDARY_CHARS = 200
@@ -47,10 +47,10 @@ def boundary_of(content_type: str | None) -> bytes:
     """The boundary of a multipart/form-data Content-Type; 400 for anything else."""
     kind, options = parse_options_header(content_type or "")
     if kind != b"multipart/form-data":
-        raise BadRequestError("Content-Type must be multipart/form-data")
+        raise BadUpload("Content-Type must be multipart/form-data")
     boundary = options.get(b"boundary", b"")
     if not boundary or len(boundary) > MAX_BOUNDARY_CHARS:
-        raise BadRequestError("multipart/form-data needs a boundary of 1 to 200 characters")
+        raise BadUpload("multipart/form-data needs a boundary of 1 to 200 characters")
     return boundary
 
 
@@ -86,14 +86,14 @@ class StreamingForm:
                 max_header_size=8192,
             )
         except (FormParserError, ValueError) as exc:
-            raise BadRequestError(f"bad multipart boundary: {exc}") from exc
+            raise BadUpload(f"bad multipart boundary: {exc}") from exc
 
     # -- parser callbacks (synchronous; they only record) -------------------------------------
 
     def _part_begin(self) -> None:
         self._parts += 1
         if self._parts > self._max_parts:
-            raise BadRequestError(f"too many form fields (at most {self._max_parts})")
+            raise BadUpload(f"too many form fields (at most {self._max_parts})")
         self._headers = {}
         self._name = ""
         self._is_file = False
@@ -113,22 +113,22 @@ class StreamingForm:
     def _headers_finished(self) -> None:
         disposition, options = parse_options_header(self._headers.get("content-disposition", b""))
         if disposition != b"form-data" or b"name" not in options:
-            raise BadRequestError("every form part needs Content-Disposition: form-data with a name")
+            raise BadUpload("every form part needs Content-Disposition: form-data with a name")
         # Browsers send the raw UTF-8 bytes of names; the parser hands them back as latin-1.
         self._name = options[b"name"].decode("utf-8", errors="replace")
         filename = options.get(b"filename")
         if self._name == FILE_FIELD:
             if filename is None:
-                raise BadRequestError("the `file` field must be sent as a file (with a filename)")
+                raise BadUpload("the `file` field must be sent as a file (with a filename)")
             if self.file_seen:
-                raise BadRequestError("only one file may be uploaded at a time")
+                raise BadUpload("only one file may be uploaded at a time")
             self.file_seen = True
             self._is_file = True
             content_type = self._headers.get("content-type", b"").decode("latin-1")
             self._events.append(FileStart(filename.decode("utf-8", errors="replace"), content_type))
             return
         if filename is not None:
-            raise BadRequestError(f"unexpected file in field `{self._name[:50]}`; send the file as `file`")
+            raise BadUpload(f"unexpected file in field `{self._name[:50]}`; send the file as `file`")
         self._limit = self._field_limits.get(self._name, self._default_field_limit)
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
@@ -138,7 +138,7 @@ class StreamingForm:
             return
         self._value += data[start:end]
         if len(self._value) > self._limit:
-            raise PayloadTooLargeError(f"form field `{self._name[:50]}` is too long (at most {self._limit} bytes)")
+            raise UploadTooLarge(f"form field `{self._name[:50]}` is too long (at most {self._limit} bytes)")
 
     def _part_end(self) -> None:
         if self._is_file:
@@ -147,9 +147,9 @@ class StreamingForm:
         try:
             value = bytes(self._value).decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise BadRequestError(f"form field `{self._name[:50]}` is not valid UTF-8") from exc
+            raise BadUpload(f"form field `{self._name[:50]}` is not valid UTF-8") from exc
         if "\x00" in value:
-            raise BadRequestError(f"form field `{self._name[:50]}` contains a NUL character")
+            raise BadUpload(f"form field `{self._name[:50]}` contains a NUL character")
         self._events.append(Field(self._name, value))
 
     # -- public ---------------------------------------------------------------------------------
@@ -158,7 +158,7 @@ class StreamingForm:
         try:
             self._parser.write(chunk)
         except FormParserError as exc:
-            raise BadRequestError(f"malformed multipart body: {exc}") from exc
+            raise BadUpload(f"malformed multipart body: {exc}") from exc
         events, self._events = self._events, []
         return events
 
@@ -168,4 +168,4 @@ class StreamingForm:
 
     def finish(self) -> None:
         if not self.complete:
-            raise BadRequestError("the multipart body ended before its closing boundary")
+            raise BadUpload("the multipart body ended before its closing boundary")

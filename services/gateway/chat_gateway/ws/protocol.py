@@ -7,6 +7,7 @@ on the text. Codes from 100 up are ours; ``docs/protocol-errors.md`` lists them.
 """
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from enum import IntEnum
@@ -15,6 +16,8 @@ from typing import Any
 import msgspec
 
 from chat_gateway.settings import GatewaySettings
+
+logger = logging.getLogger(__name__)
 
 
 class MessageType(IntEnum):
@@ -206,8 +209,44 @@ class Frame(msgspec.Struct):
 _TOO_DEEP = ProtocolError(ErrorCode.INVALID_FRAME, "Invalid request: JSON nested too deeply")
 
 
+_NOT_UTF8 = ProtocolError(ErrorCode.JSON_PARSING)
+
+
+def frame_text(raw: str | bytes | bytearray | memoryview) -> bytes | None:
+    """The frame as UTF-8 bytes, or None when it is not UTF-8 text.
+
+    The one entry point for text and binary frames alike: a binary frame is read as the UTF-8
+    text it must hold, and checked as a whole here, before any of it is decoded. (msgspec skips
+    the bytes of ``data`` in the envelope and only meets a bad byte while decoding the request,
+    where it raises UnicodeDecodeError instead of DecodeError.) A ``str`` with lone surrogates
+    (no server hands one over, but a caller in-process might) is refused the same way.
+    """
+    if isinstance(raw, str):
+        try:
+            return raw.encode("utf-8")
+        except UnicodeEncodeError:
+            return None
+    data = bytes(raw)
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return data
+
+
 def decode_frame(raw: str | bytes, settings: GatewaySettings) -> Frame:
     """Never raises: every failure becomes ``Frame.error`` with the code the reply carries."""
+    text = frame_text(raw)
+    if text is None:
+        return Frame(type=None, error=_NOT_UTF8)
+    try:
+        return _decode(text, settings)
+    except Exception as exc:  # pragma: no cover - a decoder bug must cost one reply, not the socket
+        logger.warning("frame could not be decoded: %s", type(exc).__name__)
+        return Frame(type=None, error=ProtocolError(ErrorCode.JSON_PARSING))
+
+
+def _decode(raw: bytes, settings: GatewaySettings) -> Frame:
     try:
         envelope = msgspec.json.decode(raw, type=Envelope)
     except msgspec.ValidationError as exc:
@@ -226,7 +265,7 @@ def decode_frame(raw: str | bytes, settings: GatewaySettings) -> Frame:
         validate_request(request, settings)
     except msgspec.ValidationError as exc:
         return Frame(type=envelope.type, error=validation_error(exc, "data"))
-    except msgspec.DecodeError:  # pragma: no cover - the envelope already parsed the whole text
+    except (msgspec.DecodeError, UnicodeDecodeError):  # pragma: no cover - checked as a whole above
         return Frame(type=envelope.type, error=ProtocolError(ErrorCode.JSON_PARSING))
     except RecursionError:  # pragma: no cover - the envelope's decode meets the depth first
         return Frame(type=envelope.type, error=_TOO_DEEP)
@@ -252,6 +291,8 @@ def _check_text(name: str, value: str, limit: int, *, allow_blank: bool) -> None
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# The names the files service gives uploads (chat_files.files.services.FILE_NAME_PATTERN).
+_ISSUED_FILE_NAME = re.compile(r"[0-9a-f]{32}\.[a-z0-9]{1,10}")
 
 
 def is_uuid(value: str) -> bool:
@@ -288,6 +329,11 @@ def validate_request(request: msgspec.Struct, settings: GatewaySettings) -> None
             _check_text("session_prompt", request.session_prompt, settings.max_prompt_chars, allow_blank=True)
         if request.file_name:
             _check_text("file_name", request.file_name, settings.max_file_name_chars, allow_blank=False)
+            if not _ISSUED_FILE_NAME.fullmatch(request.file_name):
+                # Only the names the files service issues (what it stores and answers for): "/x",
+                # "x/" or "//x" would reach the same file through the files service's path
+                # normalisation, and the raw string would be stored as the turn's `file` entry.
+                raise ProtocolError(ErrorCode.FILE_NOT_FOUND)
         else:
             request.file_name = None
         if request.model_name:
