@@ -274,6 +274,9 @@ async def test_connection_refused_is_unavailable_not_unknown() -> None:
         assert not isinstance(caught.value, OutcomeUnknownError)
         with pytest.raises(ServiceUnavailableError):
             await client.ping()
+        with pytest.raises(ServiceUnavailableError, match="unreachable"):
+            async with client.stream("GET", "/download"):
+                pass
     finally:
         await client.aclose()
 
@@ -311,7 +314,7 @@ async def test_streamed_upload_answered_early_is_the_error_and_not_retried(
 
 async def test_stream_download(probe: tuple[Probe, ServiceClient]) -> None:
     _, client = probe
-    async with client.stream("GET", "/download", params={"user_id": "u1"}) as response:
+    async with client.stream("GET", "/download", params={"user_id": "u1"}, timeout=5.0) as response:
         assert response.status_code == 200
         assert response.headers.get("content-length") == str(3 * 1024)
         assert response.headers.get("X-File-Original-Name") == "a%20b.txt"

@@ -30,6 +30,10 @@ Failure kinds
 
 A streamed request body (``content=`` an async iterable) is sent as it is produced, never
 buffered, and never retried (it can be read only once).
+
+Below the policy, aiohttp itself resends a GET, PUT or DELETE once when a pooled keep-alive
+connection turns out to have been closed by the server (RFC 9112 9.3.1.1); idle connections
+are dropped after ``KEEPALIVE_SECONDS``, before uvicorn's 5 s, so that race is rare.
 """
 from __future__ import annotations
 
@@ -191,7 +195,7 @@ class _StreamContext:
                 params=_query(kwargs.get("params")),
                 headers=headers,
                 auto_decompress=False,
-                **({"timeout": aiohttp.ClientTimeout(total=None, sock_read=timeout)} if timeout else {}),
+                **({"timeout": client._read_timeout(timeout)} if timeout else {}),
             )
         except _UNSENT as exc:
             raise ServiceUnavailableError(f"{client.name} service unreachable: {type(exc).__name__}") from exc
@@ -237,6 +241,12 @@ class ServiceClient:
         self._max_connections = max_connections
         self._http: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _read_timeout(self, seconds: float) -> aiohttp.ClientTimeout:
+        base = self._timeout
+        return aiohttp.ClientTimeout(
+            total=None, connect=base.connect, sock_connect=base.sock_connect, sock_read=seconds
+        )
 
     def _session(self) -> aiohttp.ClientSession:
         http = self._http
