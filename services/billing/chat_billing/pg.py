@@ -8,6 +8,7 @@ connection released inside a transaction is still rolled back by asyncpg before 
 """
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -33,8 +34,13 @@ async def _no_reset(connection: asyncpg.Connection) -> None:
 class Pg:
     """Holds the pool once the app has started; services keep a reference to this holder."""
 
-    def __init__(self, url: str, schema: str, *, min_size: int = 2, max_size: int = 20) -> None:
+    def __init__(
+        self, url: str, schema: str, *, min_size: int = 2, max_size: int = 20,
+        init: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
+    ) -> None:
         self.dsn = plain_dsn(url)
+        # Run on every new connection (tests attach a query logger with it).
+        self.init = init
         self.schema = check_schema_name(schema)
         self.min_size = min(min_size, max_size)
         self.max_size = max_size
@@ -46,6 +52,7 @@ class Pg:
             min_size=self.min_size,
             max_size=self.max_size,
             reset=_no_reset,
+            init=self.init,
             server_settings={"search_path": self.schema, "application_name": f"chat-{self.schema}"},
         )
 
