@@ -8,7 +8,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from litestar import Litestar
 from litestar.config.cors import CORSConfig
 
-from chat_common.app import ServicePlugin
+from chat_common.app import ServicePlugin, parse_networks
 from chat_gateway.auth import check_configuration
 from chat_gateway.context import GatewayContext
 from chat_gateway.settings import GatewaySettings
@@ -28,14 +28,18 @@ def create_app(settings: GatewaySettings | None = None) -> Litestar:
         context = GatewayContext.create(settings)
         holder["context"] = context
         app.state.gateway = context
-        reconciler = asyncio.create_task(
-            turn_runner(app.state, context).pending.run_forever(settings.settle_reconcile_seconds)
-        )
+        runner = turn_runner(app.state, context)
+        workers = [
+            asyncio.create_task(runner.owed.run_forever(settings.outbox_sweep_seconds)),
+            asyncio.create_task(runner.store.keep_leases()),
+            asyncio.create_task(runner.keep_holds()),
+        ]
         try:
             yield
         finally:
-            reconciler.cancel()
-            await asyncio.gather(reconciler, return_exceptions=True)
+            for worker in workers:
+                worker.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
             # shielded turns and postponed debits still in flight finish before the clients close
             runner = getattr(app.state, "turn_runner", None)
             if runner is not None:
@@ -57,6 +61,9 @@ def create_app(settings: GatewaySettings | None = None) -> Litestar:
     plugin = ServicePlugin(
         name="gateway",
         service_token=None,
+        # /metrics and /schema are not for the public (chat_common.app.GuardMiddleware)
+        private_from=parse_networks(settings.metrics_allow_from),
+        metrics_token=settings.metrics_token,
         readiness_checks={
             "redis": redis_ready,
             "sessions": lambda: context().sessions.ping(),

@@ -63,6 +63,10 @@ class GatewaySettings:
     jwt_leeway_seconds: float = 30.0
     jwt_jwks_cache_seconds: float = 300.0
     socket_slot_seconds: float = 60.0
+    # who may read the gateway's /metrics and /schema (docs/security.md): these networks when
+    # the request did not come through a proxy, or anyone with the metrics token
+    metrics_allow_from: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+    metrics_token: str = ""
 
     @classmethod
     def from_env(cls) -> "GatewaySettings":
@@ -120,4 +124,6 @@ class GatewaySettings:
             jwt_leeway_seconds=env_float("JWT_LEEWAY_SECONDS", 30.0),
             jwt_jwks_cache_seconds=env_float("JWT_JWKS_CACHE_SECONDS", 300.0),
             socket_slot_seconds=max(3.0, env_float("SOCKET_SLOT_SECONDS", 60.0)),
+            metrics_allow_from=tuple(env_list("METRICS_ALLOW_FROM", ["127.0.0.1/32", "::1/128"])),
+            metrics_token=env_str("METRICS_TOKEN"),
         )
