@@ -405,3 +405,45 @@ async def test_statements_sent_per_call(billing: AsyncTestClient, billing_databa
         assert len(sent) == 1  # the gateway's inline summary charge: one call
     finally:
         await pg.close()
+
+
+# -- the connection pool ---------------------------------------------------------------------------
+
+
+async def test_the_pool_hands_over_drops_cancelled_and_recovers(billing_database: str) -> None:
+    pg = Pg(billing_database, SCHEMA, min_size=1, max_size=2)
+    await pg.open()
+    try:
+        pool = pg.pool
+        # More callers than connections: the rest wait and are handed connections in turn.
+        values = await asyncio.gather(*(pool.fetchval("SELECT $1::int FROM pg_sleep(0.01)", i)
+                                        for i in range(10)))
+        assert values == list(range(10))
+        assert pool._size <= 2
+
+        # A request cancelled in the middle of a query: its connection is closed, not reused.
+        slow = asyncio.create_task(pool.fetchval("SELECT pg_sleep(5)"))
+        await asyncio.sleep(0.2)
+        slow.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await slow
+        assert await pool.fetchval("SELECT 42") == 42
+
+        # A failed statement leaves its connection usable; an open transaction is never reused.
+        with pytest.raises(asyncpg.PostgresError):
+            await pool.fetchval("SELECT 1 / 0")
+        async with pool.acquire() as connection:
+            await connection.execute("BEGIN")
+        assert await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction'"
+                                   " AND datname = current_database()") == 0
+
+        # A connection killed from the server side is replaced.
+        async with pool.acquire() as victim, pool.acquire() as killer:
+            await killer.fetchval("SELECT pg_terminate_backend($1)", victim.get_server_pid())
+        for _ in range(4):
+            try:
+                assert await pool.fetchval("SELECT 7") == 7
+            except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, ConnectionError):
+                continue  # the one request that found the dead connection; the next one works
+    finally:
+        await pg.close()
