@@ -30,7 +30,7 @@ from chat_gateway.auth import (
     socket_credentials,
     token_expired,
 )
-from chat_gateway.chat.context_cache import ContextCache
+from chat_gateway.chat.context_cache import ContextStore
 from chat_gateway.chat.turn import TurnRunner
 from chat_gateway.context import GatewayContext
 from chat_gateway.ws.draining import WS_GOING_AWAY, SocketRegistry
@@ -262,7 +262,7 @@ class SocketSession:
     async def delete_session(self, request: SessionRequest, user_id: str) -> dict[str, Any]:
         if not is_uuid(user_id):
             raise ProtocolError(ErrorCode.DELETE_SESSION)
-        return await self._durable(delete_session(self.gw, self.runner.cache, request.session_id, user_id))
+        return await self._durable(delete_session(self.gw, self.runner.store, request.session_id, user_id))
 
     async def list_models(self, request: UserRequest, user_id: str) -> dict[str, Any]:
         payload = await self._billing("/v1/users/{}/models", user_id, ErrorCode.MODEL_LIST)
@@ -300,15 +300,15 @@ async def measured_turn(runner: TurnRunner, request: ChatRequest, user_id: str) 
         CHAT_TURN_SECONDS.observe(time.perf_counter() - started)
 
 
-async def delete_session(gw: GatewayContext, cache: ContextCache, session_id: str, user_id: str) -> dict[str, Any]:
+async def delete_session(gw: GatewayContext, cache: ContextStore, session_id: str, user_id: str) -> dict[str, Any]:
     try:
-        await gw.sessions.delete(f"/v1/sessions/{session_id}", params={"user_id": user_id})
+        await gw.sessions.remove(session_id, user_id)
     except AppError as exc:
         if not isinstance(exc, (NotFoundError, BadRequestError)):
             logger.error("could not delete session: %s", exc.message)
         raise ProtocolError(ErrorCode.DELETE_SESSION) from None
     try:
-        await gw.files.delete(f"/v1/sessions/{session_id}/files", params={"user_id": user_id})
+        await gw.files.remove_session_files(session_id, user_id)
     except AppError as exc:
         # the session is gone; the files service's orphan sweep removes what is left
         logger.warning("could not delete the session's files: %s", exc.message)
