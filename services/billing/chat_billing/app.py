@@ -15,7 +15,6 @@ from chat_billing.charges.controllers import ChargeController
 from chat_billing.charges.services import ChargeService
 from chat_billing.catalog.controllers import CatalogController
 from chat_billing.catalog.services import CatalogService
-from chat_billing.db import Database
 from chat_billing.pg import Pg, postgres_error_handler
 from chat_billing.reservations.controllers import ReservationController
 from chat_billing.reservations.services import ReservationService
@@ -32,17 +31,11 @@ MAX_BODY_BYTES = 64 * 1024
 
 def create_app(settings: BillingSettings | None = None) -> Litestar:
     settings = settings or BillingSettings.from_env()
-    # The engine opens no connection until first used, so building it here is safe outside a loop.
-    # (SQLAlchemy, for the admin calls not yet on asyncpg; a small pool.)
-    db = Database.connect(
-        settings.database_url, settings.db_schema,
-        pool_size=max(2, settings.db_pool_size // 4), max_overflow=settings.db_max_overflow,
-    )
-    # asyncpg, for the money path of a turn; its pool opens in the lifespan.
-    pg = Pg(settings.database_url, settings.db_schema, max_size=settings.db_pool_size)
-    users = UserService(db, pg)
-    catalog = CatalogService(db)
-    accounts = AccountService(db, pg)
+    # asyncpg directly; the pool opens in the lifespan (and holds up to pool size + overflow).
+    pg = Pg(settings.database_url, settings.db_schema, max_size=settings.db_pool_size + settings.db_max_overflow)
+    users = UserService(pg)
+    catalog = CatalogService(pg)
+    accounts = AccountService(pg)
     reservations = ReservationService(pg, settings.reservation_ttl_seconds)
     charges = ChargeService(pg)
 
@@ -59,7 +52,6 @@ def create_app(settings: BillingSettings | None = None) -> Litestar:
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
             await pg.close()
-            await db.close()
 
     plugin = ServicePlugin(
         name="billing",
@@ -87,6 +79,5 @@ def create_app(settings: BillingSettings | None = None) -> Litestar:
         debug=False,
     )
     app.state.settings = settings
-    app.state.db = db
     app.state.pg = pg
     return app

@@ -9,6 +9,7 @@ connection given back inside a transaction is closed rather than reused.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -24,6 +25,8 @@ from chat_common.errors import (
     ServiceUnavailableError,
     unhandled_exception_handler,
 )
+
+logger = logging.getLogger(__name__)
 
 # serialization_failure, deadlock_detected, lock_not_available, query_canceled: rolled back,
 # nothing applied, safe to retry
@@ -186,11 +189,17 @@ class Pg:
             self.dsn, max_size=self.max_size, init=self.init,
             server_settings={"search_path": self.schema, "application_name": f"chat-{self.schema}"},
         )
-        # Open min_size connections now, so the first requests do not wait for them.
-        held = [await pool._take() for _ in range(self.min_size)]
+        self._pool = pool
+        # Open min_size connections now, so the first requests do not wait for them. A database
+        # that is not up yet is no reason to fail the start: /ready reports it meanwhile.
+        held = []
+        try:
+            for _ in range(self.min_size):
+                held.append(await pool._take())
+        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            logger.warning("database not reachable at start", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
         for connection in held:
             pool._give_back(connection)
-        self._pool = pool
 
     async def close(self) -> None:
         if self._pool is not None:

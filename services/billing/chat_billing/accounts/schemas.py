@@ -1,15 +1,13 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 import msgspec
-from sqlalchemy import Row
 
 from chat_common import contracts
-from chat_billing.accounts.models import LedgerEntry
 from chat_billing.inputs import IdempotencyKey, PositiveNanos, Reason
 from chat_common.money import nanos_to_dollars
 
@@ -42,24 +40,26 @@ class LedgerEntryReply(msgspec.Struct):
     created_at: datetime
 
     @classmethod
-    def of(cls, entry: LedgerEntry | Row[Any]) -> "LedgerEntryReply":
+    def of_row(cls, entry: Any) -> "LedgerEntryReply":
+        """From a ledger row whose ``details`` is selected as text."""
+        details = entry["details"]
         return cls(
-            entry_id=entry.id,
-            user_id=entry.user_id,
-            kind=entry.kind,
-            amount_nanos=entry.amount_nanos,
-            amount=nanos_to_dollars(entry.amount_nanos),
-            balance_after_nanos=entry.balance_after_nanos,
-            balance_after=nanos_to_dollars(entry.balance_after_nanos),
-            model_id=entry.model_id,
-            turn_id=entry.turn_id,
-            reservation_id=entry.reservation_id,
-            idempotency_key=entry.idempotency_key,
-            reason=entry.reason,
-            charged_nanos=entry.charged_nanos,
-            shortfall_nanos=entry.shortfall_nanos,
-            details=entry.details,
-            created_at=entry.created_at.astimezone(UTC),
+            entry_id=entry["id"],
+            user_id=entry["user_id"],
+            kind=entry["kind"],
+            amount_nanos=entry["amount_nanos"],
+            amount=nanos_to_dollars(entry["amount_nanos"]),
+            balance_after_nanos=entry["balance_after_nanos"],
+            balance_after=nanos_to_dollars(entry["balance_after_nanos"]),
+            model_id=entry["model_id"],
+            turn_id=entry["turn_id"],
+            reservation_id=entry["reservation_id"],
+            idempotency_key=entry["idempotency_key"],
+            reason=entry["reason"],
+            charged_nanos=entry["charged_nanos"],
+            shortfall_nanos=entry["shortfall_nanos"],
+            details=None if details is None else msgspec.json.decode(details),
+            created_at=entry["created_at"],
         )
 
 

@@ -1,10 +1,10 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
 import msgspec
 
-from chat_billing.catalog.models import CatalogModel
 from chat_billing.inputs import ContextLength, IdempotencyKey, ModelName, PriceNanos, ProviderName
 from chat_common import contracts
 from chat_common.money import nanos_to_dollars
@@ -18,17 +18,17 @@ class ModelReply(contracts.ModelInfo, kw_only=True):
     active: bool
 
     @classmethod
-    def of(cls, model: CatalogModel) -> "ModelReply":
+    def of_row(cls, row: Any) -> "ModelReply":
         return cls(
-            model_id=model.id,
-            name=model.name,
-            provider=model.provider,
-            context_length=model.context_length,
-            input_price_nanos_per_1k=model.input_price_nanos_per_1k,
-            output_price_nanos_per_1k=model.output_price_nanos_per_1k,
-            input_price_per_1k=nanos_to_dollars(model.input_price_nanos_per_1k),
-            output_price_per_1k=nanos_to_dollars(model.output_price_nanos_per_1k),
-            active=model.active,
+            model_id=row["id"],
+            name=row["name"],
+            provider=row["provider"],
+            context_length=row["context_length"],
+            input_price_nanos_per_1k=row["input_price_nanos_per_1k"],
+            output_price_nanos_per_1k=row["output_price_nanos_per_1k"],
+            input_price_per_1k=nanos_to_dollars(row["input_price_nanos_per_1k"]),
+            output_price_per_1k=nanos_to_dollars(row["output_price_nanos_per_1k"]),
+            active=row["active"],
         )
 
 

@@ -22,7 +22,7 @@ import msgspec
 from litestar import Response
 
 from chat_billing.accounts.services import UserNotFound
-from chat_billing.idempotency import fingerprint, run_once_pg
+from chat_billing.idempotency import fingerprint, run_once
 from chat_billing.inputs import reject_nul_characters
 from chat_billing.metrics import LEDGER_OPERATIONS, RESERVATION_FAILURES
 from chat_billing.pg import Pg
@@ -144,7 +144,7 @@ class ReservationService:
         async def work(connection: asyncpg.Connection) -> ReservationReply:
             return reserve_reply(await connection.fetchrow(RESERVE, *args), request)
 
-        return await run_once_pg(
+        return await run_once(
             self.pg.pool, key=request.idempotency_key, request_fingerprint=fingerprint("reserve", request),
             status_code=201, work=work,
         )

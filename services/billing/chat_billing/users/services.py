@@ -2,69 +2,19 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import UTC
 from typing import Any
 
-from advanced_alchemy.repository import SQLAlchemyAsyncRepository
-from litestar import Response
-from sqlalchemy import delete, select
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession
+import asyncpg
 
-from chat_billing.accounts.services import LedgerNote, UserNotFound, shift_balance, user_exists
-from chat_billing.catalog.models import CatalogModel
+from chat_billing.accounts.services import UserNotFound, shift_balance, user_exists
 from chat_billing.catalog.schemas import ModelReply, ModelsReply
-from chat_billing.catalog.services import CatalogRepository
-from chat_billing.db import Database
-from chat_billing.pg import Pg
+from chat_billing.catalog.services import MODEL_COLUMNS
 from chat_billing.idempotency import fingerprint, run_once
 from chat_billing.inputs import money_in_nanos
-from chat_billing.users.models import Entitlement, User
+from chat_billing.pg import Pg
 from chat_billing.users.schemas import CreateUserRequest, ModelIdsRequest, UserReply
 from chat_common.errors import BadRequestError
 from chat_common.money import nanos_to_dollars
-
-
-class UserRepository(SQLAlchemyAsyncRepository[User]):
-    model_type = User
-
-
-async def require_known_models(session: AsyncSession, model_ids: Sequence[int]) -> None:
-    if not model_ids:
-        return
-    known = set((await session.execute(select(CatalogModel.id).where(CatalogModel.id.in_(model_ids)))).scalars())
-    unknown = sorted(set(model_ids) - known)
-    if unknown:
-        raise BadRequestError(f"unknown model ids: {unknown}", details={"unknown_model_ids": unknown})
-
-
-async def read_user(session: AsyncSession, user_id: uuid.UUID) -> UserReply:
-    user = await UserRepository(session=session).get_one_or_none(id=user_id)
-    if user is None:
-        raise UserNotFound()
-    model_ids = (
-        await session.execute(
-            select(Entitlement.model_id).where(Entitlement.user_id == user_id).order_by(Entitlement.model_id)
-        )
-    ).scalars()
-    return UserReply(
-        user_id=str(user.id),
-        username=user.username,
-        models=list(model_ids),
-        balance=nanos_to_dollars(user.balance_nanos),
-        balance_nanos=user.balance_nanos,
-        created_at=user.created_at.astimezone(UTC),
-    )
-
-
-async def entitled_active_models(session: AsyncSession, user_id: uuid.UUID) -> list[CatalogModel]:
-    """The models a user may use right now, by name: what the type-5 listing shows."""
-    repository = CatalogRepository(session=session)
-    statement = repository.statement.join(Entitlement, Entitlement.model_id == CatalogModel.id).where(
-        Entitlement.user_id == user_id, CatalogModel.active.is_(True)
-    )
-    return list(await repository.get_many(statement=statement, order_by=(CatalogModel.name, False)))
-
 
 # One round trip: the user and its entitlements.
 GET_USER = (
@@ -73,41 +23,77 @@ GET_USER = (
     " '{}'::integer[]) AS models"
     " FROM users u WHERE u.id = $1"
 )
+KNOWN_MODELS = "SELECT id FROM models WHERE id = ANY($1::integer[])"
+INSERT_USER = (
+    "INSERT INTO users (id, username, balance_nanos) VALUES ($1, $2, 0) ON CONFLICT (id) DO NOTHING RETURNING id"
+)
+GRANT = (
+    "INSERT INTO entitlements (user_id, model_id) SELECT $1, unnest($2::integer[]) ON CONFLICT DO NOTHING"
+)
+REVOKE = "DELETE FROM entitlements WHERE user_id = $1 AND model_id = ANY($2::integer[])"
+# The models a user may use right now, by name: what the type-5 listing shows.
+ENTITLED_ACTIVE = (
+    f"SELECT {MODEL_COLUMNS} FROM models m JOIN entitlements e ON e.model_id = m.id"
+    " WHERE e.user_id = $1 AND m.active ORDER BY m.name"
+)
+
+
+async def require_known_models(connection: asyncpg.Connection, model_ids: Sequence[int]) -> None:
+    if not model_ids:
+        return
+    known = {row["id"] for row in await connection.fetch(KNOWN_MODELS, list(model_ids))}
+    unknown = sorted(set(model_ids) - known)
+    if unknown:
+        raise BadRequestError(f"unknown model ids: {unknown}", details={"unknown_model_ids": unknown})
+
+
+def user_reply(row: Any) -> UserReply:
+    return UserReply(
+        user_id=str(row["id"]),
+        username=row["username"],
+        balance_nanos=row["balance_nanos"],
+        models=list(row["models"]),
+        balance=nanos_to_dollars(row["balance_nanos"]),
+        created_at=row["created_at"],
+    )
+
+
+async def read_user(connection: asyncpg.Connection, user_id: uuid.UUID) -> UserReply:
+    row = await connection.fetchrow(GET_USER, user_id)
+    if row is None:
+        raise UserNotFound()
+    return user_reply(row)
 
 
 class UserService:
-    def __init__(self, db: Database, pg: Pg) -> None:
-        self.db = db
+    def __init__(self, pg: Pg) -> None:
         self.pg = pg
 
-    async def create(self, request: CreateUserRequest) -> Response[bytes]:
+    async def create(self, request: CreateUserRequest) -> Any:
         balance = money_in_nanos(
             request.balance, request.balance_nanos, "balance", "balance_nanos", required=False, positive=False
         ) or 0
         user_id = request.user_id or uuid.uuid4()
         model_ids = sorted(set(request.models))
 
-        async def work(session: AsyncSession) -> UserReply:
-            await require_known_models(session, model_ids)
-            created = await session.execute(
-                insert(User)
-                .values(id=user_id, username=request.username, balance_nanos=0)
-                .on_conflict_do_nothing(index_elements=[User.id])
-                .returning(User.id)
-            )
-            if created.first() is None:
+        async def work(connection: asyncpg.Connection) -> UserReply:
+            await require_known_models(connection, model_ids)
+            if await connection.fetchval(INSERT_USER, user_id, request.username) is None:
                 # A stable id was given and already exists: creating it again changes nothing,
                 # so a demo user may be "created" on every start without topping it up each time.
-                return await read_user(session, user_id)
-            await _grant(session, user_id, model_ids)
+                return await read_user(connection, user_id)
+            if model_ids:
+                await connection.execute(GRANT, user_id, model_ids)
             if balance > 0:
                 # Through the ledger like any credit, so the ledger alone explains every balance.
-                note = LedgerNote("credit", idempotency_key=request.idempotency_key, reason="initial balance")
-                await shift_balance(session, user_id, balance, note)
-            return await read_user(session, user_id)
+                await shift_balance(
+                    connection, user_id, balance, "credit", idempotency_key=request.idempotency_key,
+                    reason="initial balance",
+                )
+            return await read_user(connection, user_id)
 
         return await run_once(
-            self.db, key=request.idempotency_key, request_fingerprint=fingerprint("create_user", request),
+            self.pg.pool, key=request.idempotency_key, request_fingerprint=fingerprint("create_user", request),
             status_code=201, work=work,
         )
 
@@ -115,59 +101,32 @@ class UserService:
         row = await self.pg.pool.fetchrow(GET_USER, user_id)
         if row is None:
             raise UserNotFound()
-        return UserReply(
-            user_id=str(row["id"]),
-            username=row["username"],
-            balance_nanos=row["balance_nanos"],
-            models=list(row["models"]),
-            balance=nanos_to_dollars(row["balance_nanos"]),
-            created_at=row["created_at"],
-        )
+        return user_reply(row)
 
     async def models(self, user_id: uuid.UUID) -> ModelsReply:
-        async with self.db.sessions() as session:
-            if not await user_exists(session, user_id):
+        async with self.pg.pool.acquire() as connection:
+            rows = await connection.fetch(ENTITLED_ACTIVE, user_id)
+            if not rows and not await user_exists(connection, user_id):
                 raise UserNotFound()
-            models = await entitled_active_models(session, user_id)
-        return ModelsReply(models=[ModelReply.of(model) for model in models])
+        return ModelsReply(models=[ModelReply.of_row(row) for row in rows])
 
     async def grant(self, user_id: uuid.UUID, request: ModelIdsRequest) -> Any:
-        model_ids = sorted(set(request.model_ids))
-
-        async def work(session: AsyncSession) -> UserReply:
-            if not await user_exists(session, user_id):
-                raise UserNotFound()
-            await require_known_models(session, model_ids)
-            await _grant(session, user_id, model_ids)
-            return await read_user(session, user_id)
-
-        return await run_once(
-            self.db, key=request.idempotency_key, request_fingerprint=fingerprint("grant", request, user_id),
-            status_code=200, work=work,
-        )
+        return await self._change(user_id, request, "grant", GRANT)
 
     async def revoke(self, user_id: uuid.UUID, request: ModelIdsRequest) -> Any:
+        return await self._change(user_id, request, "revoke", REVOKE)
+
+    async def _change(self, user_id: uuid.UUID, request: ModelIdsRequest, operation: str, statement: str) -> Any:
         model_ids = sorted(set(request.model_ids))
 
-        async def work(session: AsyncSession) -> UserReply:
-            if not await user_exists(session, user_id):
+        async def work(connection: asyncpg.Connection) -> UserReply:
+            if not await user_exists(connection, user_id):
                 raise UserNotFound()
-            await require_known_models(session, model_ids)
-            await session.execute(
-                delete(Entitlement).where(Entitlement.user_id == user_id, Entitlement.model_id.in_(model_ids))
-            )
-            return await read_user(session, user_id)
+            await require_known_models(connection, model_ids)
+            await connection.execute(statement, user_id, model_ids)
+            return await read_user(connection, user_id)
 
         return await run_once(
-            self.db, key=request.idempotency_key, request_fingerprint=fingerprint("revoke", request, user_id),
-            status_code=200, work=work,
-        )
-
-
-async def _grant(session: AsyncSession, user_id: uuid.UUID, model_ids: Sequence[int]) -> None:
-    if model_ids:
-        await session.execute(
-            insert(Entitlement)
-            .values([{"user_id": user_id, "model_id": model_id} for model_id in model_ids])
-            .on_conflict_do_nothing()
+            self.pg.pool, key=request.idempotency_key,
+            request_fingerprint=fingerprint(operation, request, user_id), status_code=200, work=work,
         )
