@@ -3,6 +3,7 @@ every process spent per turn.
 
     python bench/turns.py [--sockets 32] [--seconds 20] [--warmup 7]
     python bench/turns.py --ws-url ws://127.0.0.1:8000/ws --user-id <uuid>   # a running stack
+        [--pid gateway=<pid> --pid postgres=<postmaster pid> ...]              # ... and its CPU
 
 Without ``--ws-url`` it starts its own stack with devstack (PostgreSQL, Redis, S3 and the five
 services as processes, the offline AI), one user per socket. Each socket sends full type-3 turns
@@ -209,7 +210,7 @@ CPU_ORDER = ("gateway", "sessions", "billing", "files", "postgres", "redis", "s3
 
 def cpu_report(turns: Run, bare: Run | None, pids: dict[str, int]) -> list[str]:
     if not pids or not turns.latencies:
-        return ["CPU per turn: only measured for a stack this starts (no --ws-url)"]
+        return ["CPU per turn: measured for a stack this starts, or with --ws-url for the --pid processes given"]
     lines = [f"CPU ms per turn over the measured window ({len(turns.latencies)} turns, {turns.seconds:.1f} s; "
              "/proc/PID/stat utime+stime, PostgreSQL = postmaster + backends incl. exited ones)"]
     names = [n for n in CPU_ORDER if n in turns.cpu] + [n for n in turns.cpu if n not in CPU_ORDER
@@ -245,6 +246,9 @@ def main() -> int:
     parser.add_argument("--user-id", action="append", default=[], help="with --ws-url: user(s) to chat as")
     parser.add_argument("--log-level", default="WARNING", help="LOG_LEVEL of the stack this starts")
     parser.add_argument("--no-echo", action="store_true", help="skip the bare echo run")
+    parser.add_argument("--pid", action="append", default=[], metavar="NAME=PID",
+                        help="with --ws-url: a process of that stack to measure (repeatable; name 'ai' "
+                             "is left out of the sum)")
     args = parser.parse_args()
 
     from devstack.servers import free_port, stop_process
@@ -263,6 +267,11 @@ def main() -> int:
                 parser.error("--ws-url needs at least one --user-id (a user entitled to --model, with balance)")
             url = args.ws_url
             users = [args.user_id[i % len(args.user_id)] for i in range(args.sockets)]
+            for item in args.pid:
+                name, _, pid = item.partition("=")
+                if not pid.isdigit():
+                    parser.error(f"--pid wants NAME=PID, got {item!r}")
+                pids[name] = int(pid)
         else:
             try:
                 from devstack.stack import Ports, Stack, wait_ready
