@@ -17,10 +17,12 @@ What is chosen here, deliberately (docs/security.md, "Connections"):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import logging
+import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import uvicorn
@@ -227,6 +229,14 @@ class GracefulServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, before_shutdown: BeforeShutdown | None) -> None:
         super().__init__(config)
         self.before_shutdown = before_shutdown
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            # A SIGTERM that ended in a clean shutdown is not re-raised: the process exits 0
+            # (uvicorn re-raises it, and the exit status would read -15 to an orchestrator).
+            self._captured_signals = [s for s in self._captured_signals if s not in (signal.SIGTERM, signal.SIGINT)]
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:

@@ -124,6 +124,9 @@ class GatewaySettings:
             jwt_leeway_seconds=env_float("JWT_LEEWAY_SECONDS", 30.0),
             jwt_jwks_cache_seconds=env_float("JWT_JWKS_CACHE_SECONDS", 300.0),
             socket_slot_seconds=max(3.0, env_float("SOCKET_SLOT_SECONDS", 60.0)),
-            metrics_allow_from=tuple(env_list("METRICS_ALLOW_FROM", ["127.0.0.1/32", "::1/128"])),
+            # "none": nobody by address (the token only)
+            metrics_allow_from=tuple(
+                n for n in env_list("METRICS_ALLOW_FROM", ["127.0.0.1/32", "::1/128"]) if n.lower() != "none"
+            ),
             metrics_token=env_str("METRICS_TOKEN"),
         )
