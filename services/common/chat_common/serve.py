@@ -188,12 +188,13 @@ class HeadGuard:
             self._head_bytes += len(data)
             if self._head_deadline is None:
                 self._arm()
-            if self._head_bytes > self.max_head_bytes:
-                self._refuse(_HEAD_TOO_LARGE, "request head too large")
-                return
         super().data_received(data)  # type: ignore[misc]
-        if waiting and not self._waiting_for_head():
-            self._disarm()
+        if not waiting:
+            return
+        if not self._waiting_for_head():
+            self._disarm()  # the head is complete (what came with it is the body)
+        elif self._head_bytes > self.max_head_bytes:
+            self._refuse(_HEAD_TOO_LARGE, "request head too large")
 
     def _head_timed_out(self) -> None:
         self._head_deadline = None
