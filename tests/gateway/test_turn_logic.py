@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 
 from chat_common import contracts as c
 from chat_common.aiproto import ai_service_pb2 as pb
-from chat_common.errors import ConflictError, NotFoundError, OutcomeUnknownError, ServiceUnavailableError
+from chat_common.errors import NotFoundError, OutcomeUnknownError, ServiceUnavailableError, StaleTurnError
 from chat_gateway.chat import turn as turn_module
 from chat_gateway.chat.turn import TurnRunner
 from chat_gateway.context import GatewayContext
@@ -105,7 +105,7 @@ class FakeSessions:
         if request.turn_id in s["turns"]:
             return s["turns"][request.turn_id]
         if request.expected_entry_count is not None and request.expected_entry_count != len(s["entries"]):
-            raise ConflictError("stale turn")
+            raise StaleTurnError("stale turn")
         first = len(s["entries"])
         s["entries"].extend((e.role, e.content) for e in request.entries)
         result = c.TurnResult(session_id=sid, turn_id=request.turn_id, first_seq=first, count=len(request.entries),
@@ -222,15 +222,27 @@ async def test_ai_failure_undoes_every_step(fakes: Fakes) -> None:
     assert len(fakes.sessions.removed) == 1 and fakes.sessions.sessions == {}
 
 
-async def test_a_stale_append_is_refused_and_nothing_is_kept(fakes: Fakes) -> None:
+async def test_a_stale_turn_is_asked_again_on_the_stored_history(fakes: Fakes) -> None:
     sid = (await fakes.chat("NEW", "first"))["session_id"]
-    fakes.sessions.append_faults.append("stale")
+    fakes.sessions.append_faults.append("stale")  # someone else stores an entry meanwhile
+    reply = await fakes.chat(sid, "second")
+    assert reply["message"] == "reply to: second"
+    assert "written by someone else" in fakes.ai.seen[-1].chat_history  # the retry saw it
+    assert fakes.sessions.sessions[sid]["entries"][-2:] == [("user", "second"), ("assistant", "reply to: second")]
+    assert fakes.billing.statuses() == ["settled", "settled"]
+
+
+async def test_a_turn_stale_twice_fails_cleanly_and_drops_the_cache(fakes: Fakes) -> None:
+    sid = (await fakes.chat("NEW", "first"))["session_id"]
+    fakes.sessions.append_faults.extend(["stale", "stale"])
     with pytest.raises(ProtocolError) as failed:
         await fakes.chat(sid, "second")
     assert failed.value.code == ErrorCode.INTERNAL
     assert fakes.billing.statuses() == ["settled", "released"]
     assert ("user", "second") not in fakes.sessions.sessions[sid]["entries"]
     assert fakes.sessions.removed == []  # an existing session is never removed
+    assert await fakes.runner.store.cached(sid) is None  # the next turn reads the truth
+    await fakes.chat(sid, "third")
 
 
 async def test_an_unknown_outcome_that_was_stored_is_a_success(fakes: Fakes) -> None:

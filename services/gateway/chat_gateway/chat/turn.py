@@ -40,11 +40,11 @@ from chat_common.aiproto import ai_service_pb2 as pb
 from chat_common.errors import (
     AppError,
     BadRequestError,
-    ConflictError,
     ForbiddenError,
     InsufficientBalanceError,
     NotFoundError,
     ServiceUnavailableError,
+    StaleTurnError,
     UpstreamError,
 )
 from chat_common.logging import request_id_var, turn_id_var
@@ -190,8 +190,7 @@ class TurnRunner:
         try:
             async with AsyncExitStack() as undo:
                 await self._prepare(turn, undo)
-                await self._generate(turn)
-                await self._append(turn, undo)
+                await self._generate_and_append(turn, undo)
         except BaseException:
             if turn.lock_token is not None:
                 # the context is not written back: the next turn rebuilds it from sessions
@@ -416,6 +415,23 @@ class TurnRunner:
 
     # -- the append -----------------------------------------------------------------------------
 
+    async def _generate_and_append(self, turn: Turn, undo: AsyncExitStack) -> None:
+        """Call the AI and store the turn. A stale turn (the session moved on since its context
+        was read: a cached context left behind by a gateway that died after its append, or a
+        lock Redis forgot) is asked again once, on the history the sessions service holds."""
+        for attempt in range(2):
+            await self._generate(turn)
+            try:
+                await self._append(turn, undo)
+                return
+            except _StaleTurn:
+                await self.store.invalidate(turn.session_id)
+                if attempt == 1:
+                    raise ProtocolError(ErrorCode.INTERNAL) from None
+                turn.context = await self._fetch_context(turn)
+                if turn.context.has_gap():
+                    await self._fold(turn, turn.context)
+
     def _entries(self, turn: Turn) -> list[c.EntryIn]:
         entries = [
             c.EntryIn(role="user", content=turn.request.message),
@@ -445,11 +461,11 @@ class TurnRunner:
             try:
                 turn.stored = await self.gw.sessions.append(turn.session_id, body)
                 break
-            except ConflictError as exc:
-                # Another turn was stored since this one read the session (the lock was lost:
-                # Redis wiped, or a lease ran out): this one is refused, never stored out of order.
+            except StaleTurnError as exc:
+                # Another turn was stored since this one read the session: this one is
+                # refused, never stored out of order.
                 logger.warning("turn refused as stale: %s", exc.message)
-                raise ProtocolError(ErrorCode.INTERNAL) from None
+                raise _StaleTurn() from None
             except (ServiceUnavailableError, UpstreamError) as exc:
                 logger.warning("append outcome unknown (%s); asking by turn id", exc.message)
                 found = await self._confirm(turn)
@@ -664,6 +680,10 @@ class TurnRunner:
     async def drain(self, timeout: float) -> None:
         if self.background:
             await asyncio.wait(list(self.background), timeout=timeout)
+
+
+class _StaleTurn(Exception):
+    """The sessions service refused the append: the session has entries this turn did not see."""
 
 
 async def _outcome(awaitable: Any) -> Any:
