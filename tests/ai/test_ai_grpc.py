@@ -196,7 +196,7 @@ async def test_request_and_turn_ids_reach_the_log_lines(ai: Callable) -> None:
     logger = logging.getLogger("chat_ai")
     logger.addHandler(handler)
     previous_level = logger.level
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.DEBUG)
     try:
         async with ai() as (stub, _, _):
             await stub.Process(turn(), metadata=(("x-request-id", "req-42"), ("x-turn-id", "turn-7")), timeout=10)

@@ -32,7 +32,7 @@ def ai_process(tmp_path: Path) -> Iterator[ServiceProcess]:
     port = free_port()
     process = ServiceProcess(
         "ai", port, tmp_path / "ai", module="chat_ai", health_path=None,
-        env={"AI_SERVER_PORT": str(port), "AI_PROVIDER": "offline", "SHUTDOWN_GRACE_SECONDS": "2"},
+        env={"AI_SERVER_PORT": str(port), "AI_PROVIDER": "offline", "SHUTDOWN_GRACE_SECONDS": "2", "LOG_LEVEL": "DEBUG"},
     )
     yield process.start(timeout=30)
     process.kill()
@@ -59,7 +59,7 @@ def test_serves_and_stops_cleanly(ai_process: ServiceProcess, sig: int) -> None:
 
     lines = log_lines(ai_process)
     assert all(line["service"] == "ai" for line in lines)
-    messages = [line["msg"] for line in lines]
+    messages = [line["msg"] for line in lines if line.get("logger", "").startswith("chat_ai")]
     assert messages[0] == "AI service listening"
     assert "AI service stopped" in messages
     answered = next(line for line in lines if line["msg"] == "Process answered")
