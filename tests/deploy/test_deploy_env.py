@@ -30,7 +30,8 @@ from deploy_support import (
 
 # Values of the base ConfigMap that may differ from .env.sample: the public origin of the
 # gateway is a compose-on-localhost value in one and the Ingress host in the other.
-K8S_MAY_DIFFER = {"GATEWAY_PUBLIC_URL", "ALLOWED_ORIGINS"}
+# METRICS_ALLOW_FROM: in a cluster Prometheus scrapes from the pod network, not from loopback.
+K8S_MAY_DIFFER = {"GATEWAY_PUBLIC_URL", "ALLOWED_ORIGINS", "METRICS_ALLOW_FROM"}
 # Keys compose may pin in a service's environment: to a value other than .env.sample's.
 # GATEWAY_PORT: the container always listens on 8000; .env's GATEWAY_PORT/SERVER_PORT choose
 # the published host port instead (checked in test_deploy_compose.py).

@@ -89,16 +89,24 @@ async def test_chat_and_file_content_never_reach_a_log(system: Stack) -> None:
 SQL_WORDS = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|CREATE|ALTER|DROP|SET|GRANT)\b")
 
 
+def _constant_parts_only(node: ast.JoinedStr) -> bool:
+    """An f-string that only splices in other module constants (``f"SELECT {COLUMNS} ..."``):
+    still a constant statement, fixed when the module is imported."""
+    parts = [v for v in node.values if isinstance(v, ast.FormattedValue)]
+    return all(isinstance(v.value, ast.Name) and v.value.id.isupper() for v in parts)
+
+
 def test_sql_is_never_built_from_strings() -> None:
-    """Every statement of the services is SQLAlchemy constructs or a constant string; the one
-    formatted statement is the migration's schema name, which must pass check_schema_name."""
+    """Every statement of the services is a constant string (or built only from constants);
+    the one formatted statement is the migration's schema name, which must pass
+    check_schema_name."""
     offenders = []
     for path in (ROOT / "services").rglob("*.py"):
         if "aiproto" in path.parts:
             continue
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            if isinstance(node, ast.JoinedStr):
+            if isinstance(node, ast.JoinedStr) and not _constant_parts_only(node):
                 literal = "".join(v.value for v in node.values if isinstance(v, ast.Constant) and isinstance(v.value, str))
                 if SQL_WORDS.search(literal) and re.search(r"\b(FROM|INTO|TABLE|SCHEMA|WHERE|search_path)\b", literal):
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {literal[:80]}")

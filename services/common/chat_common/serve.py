@@ -3,7 +3,8 @@
 What is chosen here, deliberately (docs/security.md, "Connections"):
 
 * the event loop and HTTP parser: uvloop and httptools when installed (pinned in
-  pyproject.toml), else asyncio and h11;
+  pyproject.toml), else asyncio and h11; the gateway, the public edge, asks for h11 (see its
+  ``__main__``), and ``HTTP_PARSER`` overrides either;
 * the WebSocket implementation: websockets' sans-I/O protocol (``websockets`` is pinned), in the
   subclass below, which answers what uvicorn's leaves unanswered: a handshake over the header
   limits gets its 414/431 (uvicorn logged it and sent nothing), a text frame that is not UTF-8
@@ -31,7 +32,7 @@ from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFact
 from websockets.server import ServerProtocol
 
 from chat_common.logging import configure_logging
-from chat_common.settings import ServiceSettings, env_float, env_int, env_list
+from chat_common.settings import ServiceSettings, env_float, env_int, env_list, env_str
 
 BeforeShutdown = Callable[[], Awaitable[None]]
 logger = logging.getLogger(__name__)
@@ -58,8 +59,10 @@ def loop_choice() -> str:
     return "uvloop" if installed("uvloop") else "asyncio"
 
 
-def http_base() -> type[asyncio.Protocol]:
-    if installed("httptools"):
+def http_base(parser: str = "auto") -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol on httptools (fast) or h11. ``parser`` "auto" is httptools when
+    installed."""
+    if parser == "httptools" or (parser == "auto" and installed("httptools")):
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
         return HttpToolsProtocol
@@ -180,7 +183,9 @@ class HeadGuard:
         if transport is None or transport.is_closing() or transport.get_protocol() is not self:
             return False  # closed, or upgraded to a WebSocket
         cycle = self.cycle  # type: ignore[attr-defined]
-        return cycle is None or cycle.response_complete
+        # Answered early (a 413 while the body is still coming, say): what arrives now is the
+        # rest of that body, not the head of a next request.
+        return cycle is None or (cycle.response_complete and not cycle.more_body)
 
     def data_received(self, data: bytes) -> None:
         waiting = self._waiting_for_head()
@@ -214,8 +219,8 @@ class HeadGuard:
         super().connection_lost(exc)  # type: ignore[misc]
 
 
-def http_protocol(head_timeout: float, max_head_bytes: int) -> type[asyncio.Protocol]:
-    base = http_base()
+def http_protocol(head_timeout: float, max_head_bytes: int, parser: str = "auto") -> type[asyncio.Protocol]:
+    base = http_base(parser)
     return type(
         f"Guarded{base.__name__}",
         (HeadGuard, base),
@@ -250,14 +255,16 @@ class GracefulServer(uvicorn.Server):
         await super().shutdown(sockets=sockets)
 
 
-def connection_options() -> dict[str, Any]:
-    """The uvicorn options every service runs with (see the module docstring)."""
+def connection_options(http_parser: str = "auto") -> dict[str, Any]:
+    """The uvicorn options every service runs with (see the module docstring). ``HTTP_PARSER``
+    (``auto``, ``httptools``, ``h11``) overrides the service's choice of HTTP parser."""
     trusted = env_list("TRUSTED_PROXIES", []) or env_list("FORWARDED_ALLOW_IPS", [])
     return {
         "loop": loop_choice(),
         "http": http_protocol(
             env_float("HTTP_HEADER_TIMEOUT_SECONDS", HTTP_HEADER_TIMEOUT_SECONDS),
             env_int("MAX_REQUEST_HEAD_BYTES", MAX_REQUEST_HEAD_BYTES),
+            env_str("HTTP_PARSER", http_parser),
         ),
         "ws": HardenedWebSocketProtocol,
         "timeout_keep_alive": env_int("HTTP_KEEPALIVE_SECONDS", HTTP_KEEPALIVE_SECONDS),
@@ -273,10 +280,11 @@ def serve(
     settings: ServiceSettings,
     *,
     before_shutdown: BeforeShutdown | None = None,
+    http_parser: str = "auto",
     **uvicorn_options: object,
 ) -> None:
     configure_logging(settings.name, settings.log_level)
-    options = {**connection_options(), **uvicorn_options}
+    options = {**connection_options(http_parser), **uvicorn_options}
     config = uvicorn.Config(
         app,  # type: ignore[arg-type]
         host=settings.host,

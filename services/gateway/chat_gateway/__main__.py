@@ -40,6 +40,11 @@ def main() -> int:
         before_shutdown=lambda: app.state.sockets.drain(settings.service.shutdown_grace_seconds),
         ws_max_size=settings.max_frame_bytes,
         ws_ping_interval=20.0,
+        # The public edge parses with h11: it answers a client that sends more than it declared
+        # (or more than the upload limit) before closing, where httptools' faster close lets
+        # the kernel's reset overtake the answer. Chat turns are WebSocket frames and never
+        # reach this parser; the internal services, which carry the per-turn HTTP, use httptools.
+        http_parser="h11",
     )
     return 0
 
