@@ -33,6 +33,18 @@ logger = logging.getLogger(__name__)
 TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57014"})
 
 
+def _reusable_after(exc: Exception, connection: asyncpg.Connection) -> bool:
+    """Whether a connection is fit for the next request after ``exc`` ended its block: yes
+    after a failed statement or a refusal of the caller's own, no when the connection itself
+    failed (closed, SQLSTATE class 08 connection exception, 57P0x shutdown or termination)."""
+    if connection.is_closed():
+        return False
+    if isinstance(exc, asyncpg.PostgresError):
+        state = str(getattr(exc, "sqlstate", "") or "")
+        return not (state.startswith("08") or state.startswith("57P"))
+    return True
+
+
 class ConnectionPool:
     """A small pool of plain asyncpg connections. asyncpg's own pool costs about 100 us of CPU
     per acquire and release here (a shielded task, a proxy object, an inactivity timer and a
@@ -127,11 +139,14 @@ class ConnectionPool:
         connection = await self._take()
         try:
             yield connection
-        except (asyncpg.InterfaceError, OSError, asyncio.TimeoutError):
+        except (asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, asyncio.TimeoutError):
             self._drop(connection)  # the connection itself may be in any state
             raise
-        except Exception:
-            self._give_back(connection)  # a statement failed or the caller refused: reusable
+        except Exception as exc:
+            if _reusable_after(exc, connection):
+                self._give_back(connection)  # a statement failed or the caller refused
+            else:
+                self._drop(connection)
             raise
         except BaseException:
             self._drop(connection)  # cancelled, perhaps in the middle of a query
