@@ -2,10 +2,11 @@
 prices it, and answers failures with the gRPC status their cause calls for."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, NoReturn
 
 import grpc
@@ -106,6 +107,61 @@ class AIService(ai_service_pb2_grpc.AIServiceServicer):
         self, request: ai_service_pb2.SummaryRequest, context: grpc.aio.ServicerContext
     ) -> ai_service_pb2.Response:
         return await self._serve("Summarize", request, context, summary_call, lambda p, call, t: p.summarize(call, t))
+
+    async def ProcessStream(
+        self, request: ai_service_pb2.Request, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ai_service_pb2.StreamChunk]:
+        """The reply delta by delta; every chunk carries the usage and cost so far when the
+        provider reports them, the last one (``done``) the whole call's. A cancelled call (the
+        client went away or cancelled) stops the provider's upstream request."""
+        with call_ids(context):
+            started = time.perf_counter()
+            model = request.model_name.strip()
+            provider_name = ""
+            input_tokens = output_tokens = 0
+            prices = (request.input_price_nanos_per_1k, request.output_price_nanos_per_1k)
+            try:
+                call = chat_call(request)
+                provider = self.providers.for_model(request.model_provider, call.model)
+                provider_name = provider.name
+                timeout = self._timeout(context)
+                pieces = provider.stream(call, timeout)
+                try:
+                    async with asyncio.timeout(timeout):
+                        async for piece in pieces:
+                            input_tokens = max(input_tokens, piece.input_tokens)
+                            output_tokens = max(output_tokens, piece.output_tokens)
+                            yield self._chunk(piece.delta, False, model, input_tokens, output_tokens, prices)
+                finally:
+                    await pieces.aclose()
+            except asyncio.CancelledError:
+                raise
+            except TimeoutError:
+                await self._abort(
+                    context, "ProcessStream",
+                    AIError(grpc.StatusCode.DEADLINE_EXCEEDED, "the provider did not finish within the deadline"),
+                    request.model_name, provider_name,
+                )
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+                await self._abort(context, "ProcessStream", exc, request.model_name, provider_name)
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug(
+                    "ProcessStream answered", extra=self._fields("ProcessStream", model, provider_name, started)
+                    | {"input_tokens": input_tokens, "output_tokens": output_tokens},
+                )
+            yield self._chunk("", True, model, input_tokens, output_tokens, prices)
+
+    @staticmethod
+    def _chunk(
+        delta: str, done: bool, model: str, input_tokens: int, output_tokens: int, prices: tuple[int, int]
+    ) -> ai_service_pb2.StreamChunk:
+        cost_nanos, cost = (0, 0.0)
+        if input_tokens or output_tokens:
+            cost_nanos, cost = call_cost(model, input_tokens, output_tokens, *prices)
+        return ai_service_pb2.StreamChunk(
+            delta=delta, done=done, cost=cost, timestamp=now(),
+            input_tokens=input_tokens, output_tokens=output_tokens, cost_nanos=cost_nanos,
+        )
 
     async def _serve(
         self,

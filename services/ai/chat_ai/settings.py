@@ -48,6 +48,8 @@ class AISettings:
     image_inline_max_bytes: int = 20 * 1024 * 1024
     log_level: str = "INFO"
     shutdown_grace_seconds: float = 10.0
+    # the offline provider's pause before each streamed delta (ProcessStream), milliseconds
+    offline_stream_delay_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if self.provider_mode not in PROVIDER_MODES:
@@ -88,6 +90,7 @@ class AISettings:
             image_inline_max_bytes=env_int("AI_IMAGE_INLINE_MAX_BYTES", 20 * 1024 * 1024),
             log_level=env_str("LOG_LEVEL", "INFO").upper(),
             shutdown_grace_seconds=env_float("SHUTDOWN_GRACE_SECONDS", 10.0),
+            offline_stream_delay_ms=max(0.0, env_float("OFFLINE_STREAM_DELAY_MS", 0.0)),
         )
 
     def __repr__(self) -> str:

@@ -28,7 +28,8 @@ class ProviderRegistry:
     def __init__(self, settings: AISettings, client: httpx.AsyncClient) -> None:
         self.settings = settings
         self.offline = OfflineProvider(
-            client, fetch_timeout=settings.file_fetch_timeout_seconds, fetch_max_bytes=settings.file_fetch_max_bytes
+            client, fetch_timeout=settings.file_fetch_timeout_seconds, fetch_max_bytes=settings.file_fetch_max_bytes,
+            stream_delay_ms=settings.offline_stream_delay_ms,
         )
         self.openai = OpenAICompatProvider(
             client, base_url=settings.openai_endpoint, api_key=settings.openai_api_key,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import grpc
@@ -62,8 +63,22 @@ class Completion:
     output_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class Piece:
+    """One streamed delta. Token counts are cumulative for the call so far; 0 when the provider
+    has not reported them (yet): most report usage only at the end."""
+
+    delta: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
 class Provider(Protocol):
     name: str
+
+    def stream(self, call: ChatCall, timeout: float) -> AsyncIterator[Piece]:
+        """Answer ``call`` delta by delta; closing the iterator stops the upstream request."""
+        ...
 
     async def chat(self, call: ChatCall, timeout: float) -> Completion:
         """Answer ``call`` within ``timeout`` seconds or raise :class:`AIError`."""

@@ -4,10 +4,12 @@ prompt, history, summary, message and files reached the AI service. Same input, 
 from __future__ import annotations
 
 import asyncio
+import re
+from collections.abc import AsyncIterator
 
 import httpx
 
-from chat_ai.providers.base import ChatCall, Completion, SummaryCall, count_tokens, one_line
+from chat_ai.providers.base import ChatCall, Completion, Piece, SummaryCall, count_tokens, one_line
 from chat_ai.providers.transport import fetch_file
 
 HISTORY_PREVIEW_CHARS = 60
@@ -15,6 +17,7 @@ SUMMARY_ENTRY_CHARS = 200
 # The folded summary grows by one line per entry; past this it drops its oldest lines so a
 # long-running session does not carry an ever larger summary into every turn.
 SUMMARY_MAX_CHARS = 8000
+_WORDS = re.compile(r"\S+\s*|\s+")
 OMITTED_MARKER = "(earlier conversation omitted)"
 
 
@@ -22,8 +25,14 @@ class OfflineProvider:
     name = "offline"
 
     def __init__(
-        self, client: httpx.AsyncClient, *, fetch_timeout: float = 10.0, fetch_max_bytes: int = 50 * 1024 * 1024
+        self,
+        client: httpx.AsyncClient,
+        *,
+        fetch_timeout: float = 10.0,
+        fetch_max_bytes: int = 50 * 1024 * 1024,
+        stream_delay_ms: float = 0.0,
     ) -> None:
+        self._stream_delay = max(0.0, stream_delay_ms) / 1000
         self._client = client
         self._fetch_timeout = fetch_timeout
         self._fetch_max_bytes = fetch_max_bytes
@@ -51,6 +60,17 @@ class OfflineProvider:
             call.prompt, call.summary, *(entry.content for entry in call.history), call.message, *call.files
         )
         return Completion(text, input_tokens, count_tokens(text))
+
+    async def stream(self, call: ChatCall, timeout: float) -> AsyncIterator[Piece]:
+        """The same reply as :meth:`chat`, one word (with the whitespace after it) per delta,
+        each after ``OFFLINE_STREAM_DELAY_MS``; usage is reported with every delta."""
+        completion = await self.chat(call, timeout)
+        produced = 0
+        for word in _WORDS.findall(completion.text):
+            if self._stream_delay:
+                await asyncio.sleep(self._stream_delay)
+            produced += count_tokens(word)
+            yield Piece(word, completion.input_tokens, produced)
 
     async def summarize(self, call: SummaryCall, timeout: float) -> Completion:
         lines = call.previous_summary.strip().splitlines() if call.previous_summary.strip() else []

@@ -1,8 +1,9 @@
-"""Ollama's native API (``POST /api/chat``, not streamed). Tokens come from ``prompt_eval_count``
+"""Ollama's native API (``POST /api/chat``; streamed as NDJSON for ``ProcessStream``). Tokens come from ``prompt_eval_count``
 and ``eval_count``."""
 from __future__ import annotations
 
 import base64
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -12,12 +13,13 @@ from chat_ai.providers.base import (
     AIError,
     ChatCall,
     Completion,
+    Piece,
     SummaryCall,
     history_messages,
     summary_messages,
     system_text,
 )
-from chat_ai.providers.transport import post_json, prepare_attachments, token_count
+from chat_ai.providers.transport import parse_json_line, post_json, post_lines, prepare_attachments, token_count
 
 
 class OllamaProvider:
@@ -37,6 +39,29 @@ class OllamaProvider:
         self._image_max_bytes = image_max_bytes
 
     async def chat(self, call: ChatCall, timeout: float) -> Completion:
+        return await self._complete(call.model, await self._messages(call, timeout), timeout)
+
+    async def stream(self, call: ChatCall, timeout: float) -> AsyncIterator[Piece]:
+        """``"stream": true``: one JSON object per line, the last with ``done`` and the counts."""
+        body = {"model": call.model, "messages": await self._messages(call, timeout), "stream": True}
+        lines = post_lines(self._client, "ollama", self._url, body, timeout=timeout)
+        try:
+            async for line in lines:
+                data = parse_json_line("ollama", line)
+                if isinstance(data.get("error"), str):
+                    raise AIError(grpc.StatusCode.UNAVAILABLE, f"ollama stream failed: {data['error'][:300]}")
+                message = data.get("message")
+                delta = message.get("content") if isinstance(message, dict) else None
+                delta = delta if isinstance(delta, str) else ""
+                if data.get("done"):
+                    yield Piece(delta, token_count(data.get("prompt_eval_count")), token_count(data.get("eval_count")))
+                    break
+                if delta:
+                    yield Piece(delta)
+        finally:
+            await lines.aclose()
+
+    async def _messages(self, call: ChatCall, timeout: float) -> list[dict[str, Any]]:
         messages: list[dict[str, Any]] = []
         if system := system_text(call.prompt, call.summary):
             messages.append({"role": "system", "content": system})
@@ -51,7 +76,7 @@ class OllamaProvider:
         if attachments.images:
             user["images"] = [base64.b64encode(data).decode("ascii") for _, data in attachments.images]
         messages.append(user)
-        return await self._complete(call.model, messages, timeout)
+        return messages
 
     async def summarize(self, call: SummaryCall, timeout: float) -> Completion:
         return await self._complete(call.model, summary_messages(call), timeout)

@@ -3,6 +3,7 @@ Ollama's ``/v1``. Tokens and so the cost come from the ``usage`` the server repo
 from __future__ import annotations
 
 import base64
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -12,12 +13,13 @@ from chat_ai.providers.base import (
     AIError,
     ChatCall,
     Completion,
+    Piece,
     SummaryCall,
     history_messages,
     summary_messages,
     system_text,
 )
-from chat_ai.providers.transport import post_json, prepare_attachments, token_count
+from chat_ai.providers.transport import parse_json_line, post_json, post_lines, prepare_attachments, token_count
 
 
 class OpenAICompatProvider:
@@ -39,12 +41,46 @@ class OpenAICompatProvider:
         self._image_max_bytes = image_max_bytes
 
     async def chat(self, call: ChatCall, timeout: float) -> Completion:
+        return await self._complete(call.model, await self._messages(call, timeout), timeout)
+
+    async def _messages(self, call: ChatCall, timeout: float) -> list[dict[str, Any]]:
         messages: list[dict[str, Any]] = []
         if system := system_text(call.prompt, call.summary):
             messages.append({"role": "system", "content": system})
         messages.extend(history_messages(call.history))
         messages.append(await self._user_message(call, timeout))
-        return await self._complete(call.model, messages, timeout)
+        return messages
+
+    async def stream(self, call: ChatCall, timeout: float) -> AsyncIterator[Piece]:
+        """The API's streaming mode (server-sent events), asking for the usage report that comes
+        in a last chunk without choices."""
+        messages = await self._messages(call, timeout)
+        body = {"model": call.model, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
+        lines = post_lines(self._client, "openai", self._url, body, timeout=timeout, headers=self._headers())
+        try:
+            async for line in lines:
+                if not line.startswith("data:"):
+                    continue  # comments, event names, ids
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    break
+                data = parse_json_line("openai", payload)
+                if isinstance(data.get("error"), dict):
+                    raise AIError(grpc.StatusCode.UNAVAILABLE, f"openai stream failed: {str(data['error'].get('message'))[:300]}")
+                usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+                delta = ""
+                choices = data.get("choices")
+                if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+                    part = choices[0].get("delta")
+                    if isinstance(part, dict):
+                        delta = _content_text(part.get("content"))
+                if delta or usage:
+                    yield Piece(delta, token_count(usage.get("prompt_tokens")), token_count(usage.get("completion_tokens")))
+        finally:
+            await lines.aclose()
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
 
     async def summarize(self, call: SummaryCall, timeout: float) -> Completion:
         return await self._complete(call.model, summary_messages(call), timeout)
@@ -63,7 +99,7 @@ class OpenAICompatProvider:
         return {"role": "user", "content": parts}
 
     async def _complete(self, model: str, messages: list[dict[str, Any]], timeout: float) -> Completion:
-        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        headers = self._headers()
         data = await post_json(
             self._client, "openai", self._url, {"model": model, "messages": messages},
             timeout=timeout, headers=headers,

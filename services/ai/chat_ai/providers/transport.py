@@ -7,6 +7,7 @@ import hashlib
 import json
 import mimetypes
 from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -89,6 +90,54 @@ async def post_json(
     if not isinstance(data, dict):
         # Whatever answered is not the model API (a proxy's HTML page, say): a bad gateway.
         raise AIError(grpc.StatusCode.UNAVAILABLE, f"{provider} answered with something that is not a JSON object")
+    return data
+
+
+async def post_lines(
+    client: httpx.AsyncClient,
+    provider: str,
+    url: str,
+    body: dict[str, Any],
+    *,
+    timeout: float,
+    headers: dict[str, str] | None = None,
+) -> AsyncIterator[str]:
+    """POST ``body`` and yield the answer's non-empty lines as they arrive (server-sent events,
+    NDJSON). Closing the generator (a cancelled call) closes the upstream connection. The whole
+    call is bounded by ``timeout``, as :func:`post_json`."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    try:
+        async with client.stream("POST", url, json=body, headers=headers, timeout=timeout) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                raise status_error(provider, response)
+            lines = response.aiter_lines().__aiter__()
+            while True:
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    raise TimeoutError
+                try:
+                    async with asyncio.timeout(remaining):
+                        line = await lines.__anext__()
+                except StopAsyncIteration:
+                    return
+                if line.strip():
+                    yield line
+    except (TimeoutError, httpx.TimeoutException):
+        raise AIError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{provider} did not answer within {timeout:g}s") from None
+    except httpx.TransportError as exc:
+        raise AIError(
+            grpc.StatusCode.UNAVAILABLE, f"{provider} unreachable at {url}: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def parse_json_line(provider: str, text: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise AIError(grpc.StatusCode.UNAVAILABLE, f"{provider} streamed something that is not a JSON object")
     return data
 
 

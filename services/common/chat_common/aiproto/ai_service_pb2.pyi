@@ -76,3 +76,21 @@ class SummaryRequest(_message.Message):
     input_price_nanos_per_1k: int
     output_price_nanos_per_1k: int
     def __init__(self, user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_provider: _Optional[str] = ..., previous_summary: _Optional[str] = ..., chat_entries: _Optional[str] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., input_price_nanos_per_1k: _Optional[int] = ..., output_price_nanos_per_1k: _Optional[int] = ...) -> None: ...
+
+class StreamChunk(_message.Message):
+    __slots__ = ("delta", "done", "cost", "timestamp", "input_tokens", "output_tokens", "cost_nanos")
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COST_NANOS_FIELD_NUMBER: _ClassVar[int]
+    delta: str
+    done: bool
+    cost: float
+    timestamp: _timestamp_pb2.Timestamp
+    input_tokens: int
+    output_tokens: int
+    cost_nanos: int
+    def __init__(self, delta: _Optional[str] = ..., done: _Optional[bool] = ..., cost: _Optional[float] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cost_nanos: _Optional[int] = ...) -> None: ...

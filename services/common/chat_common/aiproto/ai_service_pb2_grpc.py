@@ -44,6 +44,11 @@ class AIServiceStub:
                 request_serializer=chat__common_dot_aiproto_dot_ai__service__pb2.SummaryRequest.SerializeToString,
                 response_deserializer=chat__common_dot_aiproto_dot_ai__service__pb2.Response.FromString,
                 _registered_method=True)
+        self.ProcessStream = channel.unary_stream(
+                '/ai_service.AIService/ProcessStream',
+                request_serializer=chat__common_dot_aiproto_dot_ai__service__pb2.Request.SerializeToString,
+                response_deserializer=chat__common_dot_aiproto_dot_ai__service__pb2.StreamChunk.FromString,
+                _registered_method=True)
 
 
 class AIServiceServicer:
@@ -62,6 +67,15 @@ class AIServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ProcessStream(self, request, context):
+        """Extension: the reply as it is produced. Every chunk carries a text delta; usage and cost,
+        when the service knows them, are what the call has spent so far (cumulative), so a call
+        cancelled midway can be charged for what it produced. The last chunk has done = true.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AIServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -74,6 +88,11 @@ def add_AIServiceServicer_to_server(servicer, server):
                     servicer.Summarize,
                     request_deserializer=chat__common_dot_aiproto_dot_ai__service__pb2.SummaryRequest.FromString,
                     response_serializer=chat__common_dot_aiproto_dot_ai__service__pb2.Response.SerializeToString,
+            ),
+            'ProcessStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.ProcessStream,
+                    request_deserializer=chat__common_dot_aiproto_dot_ai__service__pb2.Request.FromString,
+                    response_serializer=chat__common_dot_aiproto_dot_ai__service__pb2.StreamChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -130,6 +149,33 @@ class AIService:
             '/ai_service.AIService/Summarize',
             chat__common_dot_aiproto_dot_ai__service__pb2.SummaryRequest.SerializeToString,
             chat__common_dot_aiproto_dot_ai__service__pb2.Response.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProcessStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ai_service.AIService/ProcessStream',
+            chat__common_dot_aiproto_dot_ai__service__pb2.Request.SerializeToString,
+            chat__common_dot_aiproto_dot_ai__service__pb2.StreamChunk.FromString,
             options,
             channel_credentials,
             insecure,
