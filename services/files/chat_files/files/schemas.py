@@ -1,4 +1,6 @@
-"""Request and reply bodies (msgspec). Bounds live here so bad input is a 400 before any work."""
+"""Request and reply bodies (msgspec). Bounds live here so bad input is a 400 before any work.
+The bodies a chat turn exchanges with this service are those of ``chat_common.contracts``
+(FileRecord, SignedUrl, FileUse), extended here with this service's further fields and bounds."""
 from __future__ import annotations
 
 import uuid
@@ -6,6 +8,8 @@ from datetime import datetime
 from typing import Annotated
 
 import msgspec
+
+from chat_common import contracts
 
 MAX_ORIGINAL_NAME_INPUT = 1024
 MAX_TURN_ID_CHARS = 200
@@ -16,11 +20,11 @@ TurnId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TURN_ID_CHARS,
 IdempotencyKey = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_IDEMPOTENCY_KEY_CHARS)]
 
 
-class File(msgspec.Struct):
+class File(contracts.FileRecord, kw_only=True):
     file_name: str
     original_name: str
     user_id: uuid.UUID | None
-    session_id: uuid.UUID | None
+    session_id: uuid.UUID | None  # type: ignore[assignment]
     content_type: str
     size: int
     sha256: str
@@ -37,9 +41,9 @@ class Attach(msgspec.Struct):
     idempotency_key: IdempotencyKey | None = None
 
 
-class MarkUsed(msgspec.Struct):
-    user_id: uuid.UUID
-    session_id: uuid.UUID
+class MarkUsed(contracts.FileUse, kw_only=True):
+    user_id: uuid.UUID  # type: ignore[assignment]
+    session_id: uuid.UUID  # type: ignore[assignment]
     turn_id: TurnId
     idempotency_key: IdempotencyKey | None = None
 
@@ -48,8 +52,7 @@ class FileList(msgspec.Struct):
     items: list[File]
 
 
-class PresignedUrl(msgspec.Struct):
-    url: str
+class PresignedUrl(contracts.SignedUrl, kw_only=True):
     expires_seconds: int
 
 
