@@ -15,6 +15,8 @@ from chat_billing.charges.controllers import ChargeController
 from chat_billing.charges.services import ChargeService
 from chat_billing.catalog.controllers import CatalogController
 from chat_billing.catalog.services import CatalogService
+from chat_billing.limits.controllers import LimitController
+from chat_billing.limits.services import LimitService
 from chat_billing.pg import Pg, postgres_error_handler
 from chat_billing.reservations.controllers import ReservationController
 from chat_billing.reservations.services import ReservationService
@@ -38,6 +40,7 @@ def create_app(settings: BillingSettings | None = None) -> Litestar:
     accounts = AccountService(pg)
     reservations = ReservationService(pg, settings.reservation_ttl_seconds)
     charges = ChargeService(pg)
+    limits = LimitService(pg)
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
@@ -63,13 +66,15 @@ def create_app(settings: BillingSettings | None = None) -> Litestar:
         return Provide(lambda: value, sync_to_thread=False, use_cache=True)
 
     app = Litestar(
-        route_handlers=[UserController, AccountController, CatalogController, ReservationController, ChargeController],
+        route_handlers=[UserController, AccountController, CatalogController, ReservationController, ChargeController,
+                        LimitController],
         dependencies={
             "user_service": constant(users),
             "catalog": constant(catalog),
             "accounts": constant(accounts),
             "reservations": constant(reservations),
             "charges": constant(charges),
+            "limits": constant(limits),
         },
         exception_handlers={asyncpg.PostgresError: postgres_error_handler},
         plugins=[plugin],

@@ -4,6 +4,9 @@ from the environment and prints each reply as JSON.
     chat-admin create-user --username demo --models 4,5,8 --balance 1 [--user-id UUID]
     chat-admin top-up --user-id UUID --amount 2.50
     chat-admin ledger --user-id UUID --limit 20
+    chat-admin set-limits --user-id UUID --daily 5 --monthly 50 --per-session 1
+    chat-admin set-limits --user-id UUID --clear
+    chat-admin limits --user-id UUID [--session-id S]
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from typing import Any
 import msgspec
 
 from chat_common.client import ServiceClient
-from chat_common.errors import AppError
+from chat_common.errors import AppError, BadRequestError
 from chat_common.settings import env_str, service_url
 
 # Dollars travel as JSON numbers written exactly as typed, never through a float.
@@ -85,6 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("models", help="the model catalogue")
 
+    set_limits = commands.add_parser(
+        "set-limits",
+        help="set spending limits in dollars (UTC day and month, per session); limits not named are kept",
+        description="A type 3 whose reservation could take the user past a limit is refused before the AI "
+        "is called (codes 109 daily, 110 monthly, 111 per session). Limits not named are kept; --clear "
+        "removes every limit (with others named: removes the rest and sets those).",
+    )
+    set_limits.add_argument("--user-id", type=_user_id, required=True)
+    set_limits.add_argument("--daily", type=_dollars, help="dollars per UTC calendar day")
+    set_limits.add_argument("--monthly", type=_dollars, help="dollars per UTC calendar month")
+    set_limits.add_argument("--per-session", type=_dollars, help="dollars per session")
+    set_limits.add_argument("--clear", action="store_true", help="remove the user's limits")
+
+    limits = commands.add_parser("limits", help="a user's limits with what is spent and held in the current day and month")
+    limits.add_argument("--user-id", type=_user_id, required=True)
+    limits.add_argument("--session-id", help="also show what this session has spent and holds")
+
     set_model = commands.add_parser("set-model", help="create or replace a catalogue entry")
     set_model.add_argument("--model-id", type=int, required=True)
     set_model.add_argument("--name", required=True)
@@ -136,6 +156,22 @@ async def run(args: argparse.Namespace, client: ServiceClient) -> Any:
         )
     if command == "models":
         return await client.get("/v1/models")
+    if command == "set-limits":
+        named = {
+            key: value for key, value in
+            (("daily", args.daily), ("monthly", args.monthly), ("per_session", args.per_session))
+            if value is not None
+        }
+        if args.clear:
+            reply = await client.request("DELETE", f"/v1/users/{args.user_id}/limits")
+            if not named:
+                return reply
+        elif not named:
+            raise BadRequestError("name a limit (--daily, --monthly, --per-session) or --clear")
+        return await send("PUT", f"/v1/users/{args.user_id}/limits", named)
+    if command == "limits":
+        params = {"session_id": args.session_id} if args.session_id else None
+        return await client.get(f"/v1/users/{args.user_id}/limits", params=params)
     if command == "set-model":
         return await send(
             "PUT", f"/v1/models/{args.model_id}",
@@ -155,11 +191,16 @@ def _print_json(value: Any, stream: Any) -> None:
     stream.write(msgspec.json.format(msgspec.json.encode(value), indent=2).decode() + "\n")
 
 
+def _print_error(body: Any) -> None:
+    """One line on stderr: the error body as compact JSON."""
+    sys.stderr.write(msgspec.json.encode(body).decode() + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     token = env_str("SERVICE_TOKEN")
     if not token:
-        _print_json({"error": {"code": "unauthorized", "message": "SERVICE_TOKEN is not set"}}, sys.stderr)
+        _print_error({"error": {"code": "unauthorized", "message": "SERVICE_TOKEN is not set"}})
         return 2
     base_url = args.url or service_url("billing", 8003)
 
@@ -173,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         reply = asyncio.run(call())
     except AppError as error:
-        _print_json(error.to_body(), sys.stderr)
+        _print_error(error.to_body())
         return 1
     _print_json(reply, sys.stdout)
     return 0

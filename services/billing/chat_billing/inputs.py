@@ -29,6 +29,7 @@ ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=_P
 ProviderName = Annotated[str, msgspec.Meta(min_length=1, max_length=100, pattern=_PRINTABLE)]
 Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=500, pattern=_PRINTABLE)]
 TurnId = Annotated[str, msgspec.Meta(min_length=1, max_length=100, pattern=_PRINTABLE)]
+SessionId = Annotated[str, msgspec.Meta(min_length=1, max_length=100, pattern=_PRINTABLE)]
 ModelId = Annotated[int, msgspec.Meta(ge=0, le=MAX_MODEL_ID)]
 ModelIdList = Annotated[list[ModelId], msgspec.Meta(max_length=1000)]
 Tokens = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKENS)]

@@ -28,7 +28,8 @@ class ModelInfo(msgspec.Struct, kw_only=True):
 class ReserveRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Hold a turn's estimated cost. Idempotent on ``turn_id``: the same turn reserved twice
     gets the first hold back. ``ttl_seconds`` is the hold's lease; a live turn renews it
-    (``LeaseRequest``) and a dead one's money comes back when it runs out."""
+    (``LeaseRequest``) and a dead one's money comes back when it runs out. ``session_id``: the
+    turn's session (checked against a per-session limit, and its spend counted to it)."""
 
     user_id: str
     input_tokens: int
@@ -38,6 +39,7 @@ class ReserveRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     model_id: int | None = None
     model_name: str | None = None
     ttl_seconds: int | None = None
+    session_id: str | None = None
 
 
 class Reservation(msgspec.Struct, kw_only=True):

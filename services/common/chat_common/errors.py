@@ -54,6 +54,30 @@ class InsufficientBalanceError(AppError):
     default_message = "Insufficient balance"
 
 
+class SpendLimitError(AppError):
+    """A reservation refused by a spending limit (billing): which one is the subclass; the
+    details carry ``limit_nanos``, ``spent_nanos``, ``held_nanos`` and ``required_nanos``."""
+
+    status_code = 402
+    code = "spend_limit_exceeded"
+    default_message = "Spending limit reached"
+
+
+class DailyLimitError(SpendLimitError):
+    code = "daily_limit_exceeded"
+    default_message = "Daily spending limit reached"
+
+
+class MonthlyLimitError(SpendLimitError):
+    code = "monthly_limit_exceeded"
+    default_message = "Monthly spending limit reached"
+
+
+class SessionLimitError(SpendLimitError):
+    code = "session_limit_exceeded"
+    default_message = "Session spending limit reached"
+
+
 class ForbiddenError(AppError):
     status_code = 403
     code = "forbidden"

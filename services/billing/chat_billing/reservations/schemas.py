@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 
 from chat_billing.catalog.schemas import ModelReply
-from chat_billing.inputs import IdempotencyKey, ModelId, ModelName, NonNegativeNanos, Tokens, TtlSeconds, TurnId
+from chat_billing.inputs import IdempotencyKey, ModelId, ModelName, NonNegativeNanos, SessionId, Tokens, TtlSeconds, TurnId
 from chat_common import contracts
 from chat_common.money import nanos_to_dollars
 
@@ -28,6 +28,7 @@ class ReserveRequest(msgspec.Struct, forbid_unknown_fields=True):
     model_name: ModelName | None = None
     ttl_seconds: TtlSeconds | None = None
     turn_id: TurnId | None = None
+    session_id: SessionId | None = None
 
 
 class SettleRequest(msgspec.Struct, forbid_unknown_fields=True):

@@ -37,7 +37,11 @@ from chat_common.errors import (
     AppError,
     BadRequestError,
     ConflictError,
+    DailyLimitError,
     InsufficientBalanceError,
+    MonthlyLimitError,
+    SessionLimitError,
+    SpendLimitError,
     ModelNotEntitledError,
     NotFoundError,
 )
@@ -48,7 +52,7 @@ EXPIRE_BATCH = 1000
 # Reservations released per statement (one transaction) by the sweep.
 EXPIRE_CHUNK = 100
 
-RESERVE = "SELECT * FROM billing_reserve($1, $2, $3, $4, $5, $6, $7, $8)"
+RESERVE = "SELECT * FROM billing_reserve($1, $2, $3, $4, $5, $6, $7, $8, $9)"
 SETTLE = "SELECT * FROM billing_settle($1, $2, $3, $4, $5, $6::jsonb)"
 RELEASE = "SELECT * FROM billing_release($1, $2, $3)"
 LEASE = "SELECT * FROM billing_lease($1, $2, $3)"
@@ -60,6 +64,12 @@ GET = (
 )
 
 _DETAILS_JSON = msgspec.json.Encoder(decimal_format="number")
+
+LIMIT_REFUSALS: dict[str, tuple[type[SpendLimitError], str]] = {
+    "daily_limit": (DailyLimitError, "daily"),
+    "monthly_limit": (MonthlyLimitError, "monthly"),
+    "session_limit": (SessionLimitError, "per_session"),
+}
 
 
 class ReservationNotFound(NotFoundError):
@@ -96,6 +106,14 @@ def reserve_reply(row: Any, request: ReserveRequest) -> ReservationReply:
     if outcome == "insufficient_balance":
         raise InsufficientBalanceError(
             details={"balance_nanos": row["balance_nanos"], "required_nanos": row["amount_nanos"]}
+        )
+    if outcome in LIMIT_REFUSALS:
+        error, name = LIMIT_REFUSALS[outcome]
+        raise error(
+            details={
+                "limit": name, "limit_nanos": row["limit_nanos"], "spent_nanos": row["spent_nanos"],
+                "held_nanos": row["held_nanos"], "required_nanos": row["amount_nanos"],
+            }
         )
     if outcome == "user_not_found":
         raise UserNotFound()
@@ -136,6 +154,7 @@ class ReservationService:
         args = (
             request.user_id, request.model_id, request.model_name, request.input_tokens, request.output_tokens,
             request.turn_id, request.idempotency_key, request.ttl_seconds or self.default_ttl_seconds,
+            request.session_id,
         )
         if request.turn_id is not None:
             # The turn id is the idempotency: one statement, no idempotency row.

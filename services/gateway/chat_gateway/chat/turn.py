@@ -40,10 +40,13 @@ from chat_common.aiproto import ai_service_pb2 as pb
 from chat_common.errors import (
     AppError,
     BadRequestError,
+    DailyLimitError,
     ForbiddenError,
     InsufficientBalanceError,
+    MonthlyLimitError,
     NotFoundError,
     ServiceUnavailableError,
+    SessionLimitError,
     StaleTurnError,
     UpstreamError,
 )
@@ -77,6 +80,9 @@ REFUSALS: dict[str, tuple[tuple[type[AppError], ErrorCode], ...]] = {
     "user": ((NotFoundError, ErrorCode.USER_NOT_FOUND), (BadRequestError, ErrorCode.USER_NOT_FOUND)),
     "reserve": (
         (ForbiddenError, ErrorCode.MODEL_ACCESS),  # model_not_entitled is a ForbiddenError
+        (DailyLimitError, ErrorCode.DAILY_LIMIT),
+        (MonthlyLimitError, ErrorCode.MONTHLY_LIMIT),
+        (SessionLimitError, ErrorCode.SESSION_LIMIT),
         (InsufficientBalanceError, ErrorCode.INSUFFICIENT_BALANCE),
         (NotFoundError, ErrorCode.USER_NOT_FOUND),
     ),
@@ -282,6 +288,9 @@ class TurnRunner:
 
     async def _reserve(self, turn: Turn, estimate: int) -> None:
         request = turn.request
+        if request.is_new:
+            # the new session's id is chosen now, so its hold counts against its own limit
+            turn.session_id = str(uuid.uuid4())
         body = c.ReserveRequest(
             user_id=turn.user_id,
             input_tokens=estimate,
@@ -291,6 +300,7 @@ class TurnRunner:
             model_name=request.model_name or None,
             model_id=None if request.model_name else request.model_id,
             ttl_seconds=int(self.settings.reservation_lease_seconds),
+            session_id=turn.session_id,
         )
         try:
             turn.reservation = await self.gw.billing.reserve(body)
@@ -315,7 +325,7 @@ class TurnRunner:
             name=session_name(request.message),
             model_name=turn.model.name,
             prompt=request.session_prompt or "",
-            session_id=str(uuid.uuid4()),
+            session_id=turn.session_id,
             idempotency_key=f"session:{turn.turn_id}",
         )
         try:

@@ -55,6 +55,9 @@ class ErrorCode(IntEnum):
     USER_MISMATCH = 106
     SESSION_BUSY = 107
     RATE_LIMITED = 108
+    DAILY_LIMIT = 109
+    MONTHLY_LIMIT = 110
+    SESSION_LIMIT = 111
 
 
 # The original strings, verbatim (including "Does Not Exists").
@@ -87,6 +90,9 @@ DEFAULT_MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.USER_MISMATCH: "user_id does not match the authenticated user",
     ErrorCode.SESSION_BUSY: "Session is busy with another message; try again",
     ErrorCode.RATE_LIMITED: "Rate limit exceeded: too many requests; slow down",
+    ErrorCode.DAILY_LIMIT: "Daily spending limit reached",
+    ErrorCode.MONTHLY_LIMIT: "Monthly spending limit reached",
+    ErrorCode.SESSION_LIMIT: "Session spending limit reached",
 }
 
 
