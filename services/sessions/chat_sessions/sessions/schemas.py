@@ -1,5 +1,6 @@
 """Request and reply bodies. Size limits live here so that Litestar rejects oversize input with
-a 400 before any of it reaches the database."""
+a 400 before any of it reaches the database. The replies a chat turn reads are the structs of
+``chat_common.contracts``, extended here (ids as UUIDs, timestamps), not declared twice."""
 from __future__ import annotations
 
 import uuid
@@ -7,6 +8,8 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 import msgspec
+
+from chat_common import contracts
 
 MAX_NAME_CHARS = 200
 MAX_PROMPT_CHARS = 100_000
@@ -23,6 +26,10 @@ MAX_INT8 = 2**63 - 1
 DEFAULT_OUTBOX_LIMIT = 200
 MAX_OUTBOX_LIMIT = 500
 MAX_OUTBOX_ACK = 1000
+DEFAULT_SEARCH_LIMIT = 20
+MAX_SEARCH_LIMIT = 100
+# Longer queries are cut (a search needs no more words than this; the gateway allows a message's length).
+MAX_SEARCH_QUERY_CHARS = 32_000
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
 Prompt = Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)]
@@ -74,9 +81,9 @@ class SummaryUpdate(msgspec.Struct):
     charge: OwedCharge | None = None
 
 
-class Session(msgspec.Struct):
-    session_id: uuid.UUID
-    user_id: uuid.UUID
+class Session(contracts.Session, kw_only=True):
+    session_id: uuid.UUID  # type: ignore[assignment]
+    user_id: uuid.UUID  # type: ignore[assignment]
     session_name: str
     model_name: str
     prompt: str
@@ -94,26 +101,26 @@ class SessionPage(msgspec.Struct):
     offset: int
 
 
-class Entry(msgspec.Struct):
+class Entry(contracts.Entry, kw_only=True):
     seq: int
     role: str
     content: str
-    turn_id: uuid.UUID
+    turn_id: uuid.UUID  # type: ignore[assignment]
     created_at: datetime
 
 
-class EntryList(msgspec.Struct):
-    items: list[Entry]
+class EntryList(contracts.EntryList, kw_only=True):
+    items: list[Entry]  # type: ignore[assignment]
 
 
-class SessionContext(msgspec.Struct):
+class SessionContext(contracts.SessionContext, kw_only=True):
     session: Session
-    entries: list[Entry]
+    entries: list[Entry]  # type: ignore[assignment]
 
 
-class TurnResult(msgspec.Struct):
-    session_id: uuid.UUID
-    turn_id: uuid.UUID
+class TurnResult(contracts.TurnResult, kw_only=True):
+    session_id: uuid.UUID  # type: ignore[assignment]
+    turn_id: uuid.UUID  # type: ignore[assignment]
     first_seq: int
     # Entries this turn added (or added the first time, on a replay).
     count: int
@@ -122,29 +129,43 @@ class TurnResult(msgspec.Struct):
     created: bool
 
 
-class Charge(msgspec.Struct, omit_defaults=True):
+class Charge(contracts.Charge, kw_only=True, omit_defaults=True):
     key: str
-    kind: str
-    user_id: uuid.UUID
-    session_id: uuid.UUID
-    turn_id: uuid.UUID
+    kind: str  # type: ignore[assignment]
+    user_id: uuid.UUID  # type: ignore[assignment]
+    session_id: uuid.UUID  # type: ignore[assignment]
+    turn_id: uuid.UUID  # type: ignore[assignment]
     cost_nanos: int
     reservation_id: str | None = None
     model_name: str | None = None
 
 
-class OutboxItem(msgspec.Struct):
+class OutboxItem(contracts.OutboxItem, kw_only=True):
     outbox_id: int
     charge: Charge
 
 
-class OutboxPage(msgspec.Struct):
-    items: list[OutboxItem]
+class OutboxPage(contracts.OutboxPage, kw_only=True):
+    items: list[OutboxItem]  # type: ignore[assignment]
 
 
 class OutboxAck(msgspec.Struct):
     outbox_ids: Annotated[list[Annotated[int, msgspec.Meta(ge=1, le=MAX_INT8)]], msgspec.Meta(max_length=MAX_OUTBOX_ACK)]
 
 
-class OutboxAcked(msgspec.Struct):
-    acked: int
+class OutboxAcked(contracts.OutboxAcked, kw_only=True):
+    pass
+
+
+class SearchHit(msgspec.Struct):
+    session_id: uuid.UUID
+    session_name: str
+    seq: int
+    role: str
+    # plain text: a fragment or two of the entry around the matching words
+    snippet: str
+    created_at: datetime
+
+
+class SearchResult(msgspec.Struct):
+    items: list[SearchHit]
