@@ -218,6 +218,22 @@ class SummaryUpdate(msgspec.Struct, kw_only=True, omit_defaults=True):
     charge: OwedCharge | None = None
 
 
+class SearchHit(msgspec.Struct, kw_only=True):
+    """One entry matching a search (``GET /v1/search``); ``snippet`` is plain text around the
+    matching words."""
+
+    session_id: str
+    session_name: str
+    seq: int
+    role: str
+    snippet: str
+    created_at: str
+
+
+class SearchResult(msgspec.Struct, kw_only=True):
+    items: list[SearchHit]
+
+
 class OutboxItem(msgspec.Struct, kw_only=True):
     outbox_id: int
     charge: Charge

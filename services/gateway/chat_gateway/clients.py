@@ -133,6 +133,12 @@ class SessionsClient(_Typed):
             "DELETE", f"/v1/sessions/{_path_part(session_id)}", params={"user_id": user_id}, retry=IDEMPOTENT
         )
 
+    async def search(self, user_id: str, query: str, limit: int) -> c.SearchResult:
+        """The user's entries matching ``query`` (plain text), best first."""
+        return await self._call(
+            "GET", "/v1/search", c.SearchResult, params={"user_id": user_id, "query": query, "limit": limit}
+        )
+
     async def owed(self, older_than_seconds: float, limit: int) -> c.OutboxPage:
         return await self._call(
             "GET", "/v1/outbox", c.OutboxPage, params={"older_than_seconds": older_than_seconds, "limit": limit}

@@ -51,6 +51,7 @@ from chat_gateway.ws.protocol import (
     Frame,
     MessageType,
     ProtocolError,
+    SearchRequest,
     SessionRequest,
     UserRequest,
     decode_frame,
@@ -119,6 +120,7 @@ class SocketSession:
             MessageType.DELETE_SESSION: self.delete_session,
             MessageType.LIST_MODELS: self.list_models,
             MessageType.BALANCE: self.balance,
+            MessageType.SEARCH: self.search,
         }
 
     async def _send(self, frame: bytes) -> None:
@@ -271,6 +273,22 @@ class SocketSession:
     async def balance(self, request: UserRequest, user_id: str) -> dict[str, Any]:
         payload = await self._billing("/v1/users/{}/balance", user_id, ErrorCode.BALANCE_DETAILS)
         return {"balance": float(payload["balance"])}
+
+    async def search(self, request: SearchRequest, user_id: str) -> dict[str, Any]:
+        # no user can have a non-UUID id (as for type 1); an unknown user simply finds nothing
+        if not is_uuid(user_id):
+            raise ProtocolError(ErrorCode.USER_NOT_FOUND)
+        try:
+            found = await self.gw.sessions.search(user_id, request.query, request.limit)
+        except AppError as exc:
+            logger.error("could not search: %s", exc.message)
+            raise ProtocolError(ErrorCode.INTERNAL) from None
+        results = [
+            {"session_id": h.session_id, "session_name": h.session_name, "seq": h.seq, "role": h.role,
+             "snippet": h.snippet, "created_at": h.created_at}
+            for h in found.items
+        ]
+        return {"user_id": user_id, "results": results}
 
     async def _billing(self, path: str, user_id: str, failure: ErrorCode) -> dict[str, Any]:
         if not is_uuid(user_id):

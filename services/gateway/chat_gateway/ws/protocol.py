@@ -28,6 +28,8 @@ class MessageType(IntEnum):
     DELETE_SESSION = 4
     LIST_MODELS = 5
     BALANCE = 6
+    # extension: search over one's own history (PROTOCOL section 11)
+    SEARCH = 10
 
 
 class ErrorCode(IntEnum):
@@ -142,6 +144,15 @@ class ChatRequest(msgspec.Struct):
         return self.session_id == NEW_SESSION
 
 
+class SearchRequest(msgspec.Struct):
+    query: str
+    user_id: str | None = None
+    limit: int = 20
+
+
+SEARCH_MAX_LIMIT = 100
+
+
 REQUEST_TYPES: dict[int, type[msgspec.Struct]] = {
     MessageType.USER_DETAILS: UserRequest,
     MessageType.LIST_SESSIONS: UserRequest,
@@ -150,6 +161,7 @@ REQUEST_TYPES: dict[int, type[msgspec.Struct]] = {
     MessageType.DELETE_SESSION: SessionRequest,
     MessageType.LIST_MODELS: UserRequest,
     MessageType.BALANCE: UserRequest,
+    MessageType.SEARCH: SearchRequest,
 }
 
 NEW_SESSION = "NEW"
@@ -328,6 +340,12 @@ def validate_request(request: msgspec.Struct, settings: GatewaySettings) -> None
         _check_text("user_id", user_id, MAX_USER_ID_CHARS, allow_blank=False)
     if isinstance(request, SessionRequest):
         request.session_id = _check_session_id(request.session_id, allow_new=False)
+    elif isinstance(request, SearchRequest):
+        # plain text: NUL (which PostgreSQL text cannot hold) is dropped, not refused
+        request.query = request.query.replace("\x00", "")
+        _check_text("query", request.query, settings.max_message_chars, allow_blank=False)
+        if not 1 <= request.limit <= SEARCH_MAX_LIMIT:
+            raise ProtocolError(ErrorCode.INVALID_VALUE, f"Field `data.limit` must be 1 to {SEARCH_MAX_LIMIT}")
     elif isinstance(request, ChatRequest):
         request.session_id = _check_session_id(request.session_id, allow_new=True)
         _check_text("message", request.message, settings.max_message_chars, allow_blank=False)

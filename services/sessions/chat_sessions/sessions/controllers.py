@@ -96,6 +96,24 @@ class SessionsController(Controller):
         await sessions.delete(user_id, parse_session_id(session_id))
 
 
+class SearchController(Controller):
+    """Full-text search over one user's history (PROTOCOL.md section 11)."""
+
+    path = "/v1/search"
+    tags = ["search"]
+
+    @get("/")
+    async def search(
+        self,
+        sessions: Sessions,
+        user_id: UserId,
+        # `query` is a name Litestar reserves for the query mapping: taken under another name
+        text: Annotated[str, QueryParameter(name="query", description="plain text, never a query language")],
+        limit: Annotated[int, QueryParameter(ge=1, le=schemas.MAX_SEARCH_LIMIT)] = schemas.DEFAULT_SEARCH_LIMIT,
+    ) -> schemas.SearchResult:
+        return await sessions.search(user_id, text, limit)
+
+
 class OutboxController(Controller):
     """Charges owed by stored turns and summaries, for the gateway's outbox workers: page the
     old enough rows, have billing apply them (exactly once there, by key), ack them."""

@@ -228,6 +228,23 @@ class SessionsService:
             raise NotFoundError("session not found")
         return to_session(row)
 
+    # -- search ---------------------------------------------------------------------------------
+
+    async def search(self, user_id: uuid.UUID, query: str, limit: int) -> schemas.SearchResult:
+        """The owner's entries matching ``query`` (plain text), best first."""
+        text = clean_text(query)[: schemas.MAX_SEARCH_QUERY_CHARS].strip()
+        if not text:
+            message = "query must not be empty"
+            raise BadRequestError(message, details=[{"message": message, "key": "query", "source": "query"}])
+        rows = await self._pool().fetch(sql.SEARCH_ENTRIES, user_id, text, limit)
+        Hit = schemas.SearchHit
+        return schemas.SearchResult(
+            items=[
+                Hit(session_id=row[0], session_name=row[1], seq=row[2], role=row[3], snippet=row[4], created_at=row[5])
+                for row in rows
+            ]
+        )
+
     # -- outbox ---------------------------------------------------------------------------------
 
     async def outbox_page(self, older_than_seconds: float, limit: int) -> schemas.OutboxPage:

@@ -84,3 +84,18 @@ SELECT id, key, kind, user_id, session_id, turn_id, cost_nanos, reservation_id, 
 OUTBOX_ACK = "DELETE FROM outbox WHERE id = ANY($1::bigint[])"
 
 PING = "SELECT 1"
+
+# Full-text search over the owner's 'user' and 'assistant' entries (migration 0003's
+# search_entries, planned for the words it is given): $1 user, $2 plain text, $3 limit; best
+# first. The headline is made here, only for the rows returned (it re-parses the text, the
+# costly part), with the same configuration as the column's ('english'). The snippet is plain
+# text (no highlight markup: a client showing it as HTML must not meet tags, and the entry's
+# own text may hold some).
+SEARCH_ENTRIES = """
+SELECT h.session_id, h.session_name, h.seq, h.role,
+       ts_headline('english'::regconfig, left(h.content, 100000), websearch_to_tsquery('english'::regconfig, $2),
+                   'StartSel="", StopSel="", MaxWords=35, MinWords=15, ShortWord=3'),
+       h.created_at
+  FROM search_entries($1, $2, $3) AS h
+ ORDER BY h.rank DESC, h.created_at DESC, h.session_id, h.seq
+"""
