@@ -18,6 +18,8 @@ from chat_billing.catalog.services import CatalogService
 from chat_billing.limits.controllers import LimitController
 from chat_billing.limits.services import LimitService
 from chat_billing.pg import Pg, postgres_error_handler
+from chat_billing.usage.controllers import UsageController
+from chat_billing.usage.services import UsageService
 from chat_billing.reservations.controllers import ReservationController
 from chat_billing.reservations.services import ReservationService
 from chat_billing.reservations.sweeper import sweep_expired_reservations
@@ -41,6 +43,7 @@ def create_app(settings: BillingSettings | None = None) -> Litestar:
     reservations = ReservationService(pg, settings.reservation_ttl_seconds)
     charges = ChargeService(pg)
     limits = LimitService(pg)
+    usage = UsageService(pg)
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
@@ -67,7 +70,7 @@ def create_app(settings: BillingSettings | None = None) -> Litestar:
 
     app = Litestar(
         route_handlers=[UserController, AccountController, CatalogController, ReservationController, ChargeController,
-                        LimitController],
+                        LimitController, UsageController],
         dependencies={
             "user_service": constant(users),
             "catalog": constant(catalog),
@@ -75,6 +78,7 @@ def create_app(settings: BillingSettings | None = None) -> Litestar:
             "reservations": constant(reservations),
             "charges": constant(charges),
             "limits": constant(limits),
+            "usage": constant(usage),
         },
         exception_handlers={asyncpg.PostgresError: postgres_error_handler},
         plugins=[plugin],

@@ -7,6 +7,7 @@ from the environment and prints each reply as JSON.
     chat-admin set-limits --user-id UUID --daily 5 --monthly 50 --per-session 1
     chat-admin set-limits --user-id UUID --clear
     chat-admin limits --user-id UUID [--session-id S]
+    chat-admin usage --user-id UUID [--session-id S] [--since ISO] [--until ISO] [--by day|session|model]
 """
 from __future__ import annotations
 
@@ -101,6 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
     set_limits.add_argument("--per-session", type=_dollars, help="dollars per session")
     set_limits.add_argument("--clear", action="store_true", help="remove the user's limits")
 
+    usage = commands.add_parser(
+        "usage", help="turns, tokens and dollars spent, per group and in total (from the receipts)",
+        description="Totals equal the ledger's charges exactly. --since is inclusive, --until exclusive.",
+    )
+    usage.add_argument("--user-id", type=_user_id, required=True)
+    usage.add_argument("--session-id")
+    usage.add_argument("--since", help="ISO 8601, e.g. 2026-12-01 or 2026-12-01T00:00:00Z")
+    usage.add_argument("--until", help="ISO 8601")
+    usage.add_argument("--by", choices=["day", "session", "model"])
+
+    receipts = commands.add_parser("receipts", help="a receipt per charge, oldest first")
+    receipts.add_argument("--user-id", type=_user_id, required=True)
+    receipts.add_argument("--session-id")
+    receipts.add_argument("--since")
+    receipts.add_argument("--until")
+    receipts.add_argument("--limit", type=int, default=100)
+
     limits = commands.add_parser("limits", help="a user's limits with what is spent and held in the current day and month")
     limits.add_argument("--user-id", type=_user_id, required=True)
     limits.add_argument("--session-id", help="also show what this session has spent and holds")
@@ -169,6 +187,14 @@ async def run(args: argparse.Namespace, client: ServiceClient) -> Any:
         elif not named:
             raise BadRequestError("name a limit (--daily, --monthly, --per-session) or --clear")
         return await send("PUT", f"/v1/users/{args.user_id}/limits", named)
+    if command in ("usage", "receipts"):
+        params = {
+            key: value for key, value in (
+                ("session_id", args.session_id), ("since", args.since), ("until", args.until),
+                ("by", getattr(args, "by", None)), ("limit", getattr(args, "limit", None)),
+            ) if value is not None
+        }
+        return await client.get(f"/v1/users/{args.user_id}/{command}", params=params)
     if command == "limits":
         params = {"session_id": args.session_id} if args.session_id else None
         return await client.get(f"/v1/users/{args.user_id}/limits", params=params)

@@ -55,6 +55,21 @@ class Reservation(msgspec.Struct, kw_only=True):
     shortfall_nanos: int = 0
 
 
+class ReceiptDetails(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What a charged call saw, for its receipt (billing stores it with the charge, in the same
+    transaction): tokens as the AI service reported them (0 when it reports none), the window's
+    first and last entry seq (None: an empty window), the summary's extent, and the SHA-256 of
+    the session prompt. For a summary fold: the entries folded (first_seq..last_seq) and the
+    extent it reached (summarized_upto)."""
+
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    first_seq: int | None = None
+    last_seq: int | None = None
+    summarized_upto: int | None = None
+    prompt_sha256: str | None = None
+
+
 class SettleRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Charge a turn's actual cost against its hold, exactly once per reservation (a repeat, or
     a settle of a reservation already settled, charges nothing more)."""
@@ -63,6 +78,7 @@ class SettleRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     idempotency_key: str
     user_id: str
     turn_id: str | None = None
+    receipt: ReceiptDetails | None = None
 
 
 class ReleaseRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -95,6 +111,7 @@ class Charge(msgspec.Struct, kw_only=True, omit_defaults=True):
     cost_nanos: int
     reservation_id: str | None = None
     model_name: str | None = None
+    receipt: ReceiptDetails | None = None
 
 
 class ChargeBatch(msgspec.Struct, kw_only=True):
@@ -144,6 +161,9 @@ class OwedCharge(msgspec.Struct, kw_only=True, omit_defaults=True):
     cost_nanos: int
     reservation_id: str | None = None
     model_name: str | None = None
+    # for the receipt; the sessions outbox does not keep it (yet): a charge replayed from there
+    # gets a receipt of the money, session and model only
+    receipt: ReceiptDetails | None = None
 
 
 class TurnAppend(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -7,6 +7,7 @@ from typing import Annotated
 import msgspec
 
 from chat_billing.inputs import ModelName, NonNegativeNanos, TurnId
+from chat_billing.reservations.schemas import ReceiptIn
 from chat_common.contracts import ChargeKind
 
 MAX_CHARGES_PER_BATCH = 500
@@ -26,6 +27,7 @@ class ChargeIn(msgspec.Struct, forbid_unknown_fields=True):
     cost_nanos: NonNegativeNanos
     reservation_id: IdText | None = None
     model_name: ModelName | None = None
+    receipt: ReceiptIn | None = None
 
 
 class ChargeBatchIn(msgspec.Struct, forbid_unknown_fields=True):

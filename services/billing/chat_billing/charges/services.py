@@ -18,7 +18,7 @@ import asyncpg
 from chat_billing.charges.schemas import ChargeBatchIn, ChargeIn
 from chat_billing.metrics import LEDGER_OPERATIONS
 from chat_billing.pg import TRANSIENT_SQLSTATES, Pg
-from chat_billing.reservations.services import SETTLE
+from chat_billing.reservations.services import SETTLE, receipt_json
 from chat_common.contracts import ChargeBatchResult, ChargeResult
 
 # Both kinds in one round trip: 't' rows are reservations, 's' rows summary keys.
@@ -29,7 +29,7 @@ DONE = (
     " SELECT 's', charge_key, user_id, true, coalesce(charged_nanos, 0), shortfall_nanos"
     " FROM ledger WHERE charge_key = ANY($2::text[])"
 )
-CHARGE_SUMMARY = "SELECT * FROM billing_charge_summary($1, $2, $3, $4, $5, $6)"
+CHARGE_SUMMARY = "SELECT * FROM billing_charge_summary($1, $2, $3, $4, $5, $6, $7::jsonb)"
 
 _NOT_FOUND = "reservation not found"
 
@@ -115,7 +115,8 @@ class ChargeService:
         try:
             if item.kind == "turn":
                 row = await _retrying(
-                    connection, SETTLE, reservation_id, user_id, item.cost_nanos, item.turn_id, item.key, None
+                    connection, SETTLE, reservation_id, user_id, item.cost_nanos, item.turn_id, item.key, None,
+                    receipt_json(item.receipt),
                 )
                 outcome = row["outcome"]
                 if outcome == "not_found":
@@ -128,7 +129,7 @@ class ChargeService:
                 )
             row = await _retrying(
                 connection, CHARGE_SUMMARY, user_id, item.key, item.turn_id, item.cost_nanos, item.session_id,
-                item.model_name,
+                item.model_name, receipt_json(item.receipt),
             )
         except asyncpg.PostgresError as exc:
             if getattr(exc, "sqlstate", None) in TRANSIENT_SQLSTATES:

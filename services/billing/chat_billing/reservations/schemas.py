@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -31,6 +31,22 @@ class ReserveRequest(msgspec.Struct, forbid_unknown_fields=True):
     session_id: SessionId | None = None
 
 
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
+Seq = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+
+
+class ReceiptIn(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """``chat_common.contracts.ReceiptDetails`` with bounds: what the charged call saw."""
+
+    input_tokens: Count | None = None
+    output_tokens: Count | None = None
+    first_seq: Seq | None = None
+    last_seq: Seq | None = None
+    summarized_upto: Seq | None = None
+    prompt_sha256: Sha256 | None = None
+
+
 class SettleRequest(msgspec.Struct, forbid_unknown_fields=True):
     """``user_id`` is an addition: when given, a reservation of another user is not found."""
 
@@ -39,6 +55,7 @@ class SettleRequest(msgspec.Struct, forbid_unknown_fields=True):
     turn_id: TurnId | None = None
     details: dict[str, Any] | None = None
     user_id: uuid.UUID | None = None
+    receipt: ReceiptIn | None = None
 
 
 class ReleaseRequest(msgspec.Struct, forbid_unknown_fields=True):

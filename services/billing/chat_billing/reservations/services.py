@@ -53,7 +53,7 @@ EXPIRE_BATCH = 1000
 EXPIRE_CHUNK = 100
 
 RESERVE = "SELECT * FROM billing_reserve($1, $2, $3, $4, $5, $6, $7, $8, $9)"
-SETTLE = "SELECT * FROM billing_settle($1, $2, $3, $4, $5, $6::jsonb)"
+SETTLE = "SELECT * FROM billing_settle($1, $2, $3, $4, $5, $6::jsonb, $7::jsonb)"
 RELEASE = "SELECT * FROM billing_release($1, $2, $3)"
 LEASE = "SELECT * FROM billing_lease($1, $2, $3)"
 EXPIRE = "SELECT billing_expire($1)"
@@ -94,6 +94,13 @@ def details_json(details: dict[str, Any] | None) -> str | None:
     reject_nul_characters(details, "details")
     # Encoded here so decimals in caller-supplied details stay numbers.
     return _DETAILS_JSON.encode(details).decode()
+
+
+_RECEIPT_JSON = msgspec.json.Encoder()
+
+
+def receipt_json(receipt: Any) -> str | None:
+    return None if receipt is None else _RECEIPT_JSON.encode(receipt).decode()
 
 
 def reserve_reply(row: Any, request: ReserveRequest) -> ReservationReply:
@@ -175,7 +182,7 @@ class ReservationService:
         stored outcome, nothing more charged."""
         row = await self.pg.pool.fetchrow(
             SETTLE, reservation_id, request.user_id, request.cost_nanos, request.turn_id,
-            request.idempotency_key, details_json(request.details),
+            request.idempotency_key, details_json(request.details), receipt_json(request.receipt),
         )
         return settle_reply(row)
 

@@ -23,6 +23,7 @@ run in reverse should the turn fail; from the append on nothing is undone: the t
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 import uuid
@@ -126,6 +127,11 @@ def _now() -> Timestamp:
     return stamp
 
 
+def _tokens(reply: pb.Response) -> tuple[int, int]:
+    """Tokens in and out as the AI service reported them (0 when it reports none)."""
+    return int(reply.input_tokens), int(reply.output_tokens)
+
+
 def _cost_nanos(reply: pb.Response) -> int:
     if reply.cost_nanos:
         return int(reply.cost_nanos)
@@ -153,6 +159,9 @@ class Turn:
     reply_text: str = ""
     cost_nanos: int = 0
     stored: c.TurnResult | None = None
+    # what the AI was given and reported, for billing's receipt (sent with the settle)
+    receipt: c.ReceiptDetails | None = None
+    summary_tokens: tuple[int, int] = (0, 0)  # the last fold's, as the AI reported them
 
     @property
     def model(self) -> c.ModelInfo:
@@ -399,6 +408,13 @@ class TurnRunner:
         reservation = turn.reservation
         assert context is not None and reservation is not None
         model = reservation.model
+        window = context.window()
+        turn.receipt = receipt = c.ReceiptDetails(
+            first_seq=context.entry_count - len(window) if window else None,
+            last_seq=context.entry_count - 1 if window else None,
+            summarized_upto=context.summarized_upto,
+            prompt_sha256=hashlib.sha256(turn.prompt().encode()).hexdigest(),
+        )
         ai_request = pb.Request(
             user_id=turn.user_id,
             session_id=turn.session_id,
@@ -422,6 +438,7 @@ class TurnRunner:
             raise ProtocolError(ErrorCode.AI_RESPONSE) from None
         turn.reply_text = reply.response_text
         turn.cost_nanos = _cost_nanos(reply)
+        receipt.input_tokens, receipt.output_tokens = _tokens(reply)
 
     # -- the append -----------------------------------------------------------------------------
 
@@ -465,6 +482,7 @@ class TurnRunner:
                 cost_nanos=turn.cost_nanos,
                 reservation_id=reservation.reservation_id,
                 model_name=reservation.model.name,
+                receipt=turn.receipt,
             ),
         )
         for attempt in range(APPEND_ATTEMPTS):
@@ -524,6 +542,7 @@ class TurnRunner:
                 idempotency_key=f"settle:{turn.turn_id}",
                 user_id=turn.user_id,
                 turn_id=turn.turn_id,
+                receipt=turn.receipt,
             ),
         )
         if turn.file_name:
@@ -581,7 +600,11 @@ class TurnRunner:
         except (grpc.RpcError, asyncio.TimeoutError) as exc:
             logger.warning("summary postponed: AI failed: %s", _grpc_text(exc))
             return False
-        charge = c.OwedCharge(cost_nanos=cost, model_name=turn.model.name) if cost else None
+        receipt = c.ReceiptDetails(
+            input_tokens=turn.summary_tokens[0], output_tokens=turn.summary_tokens[1],
+            first_seq=context.summarized_upto, last_seq=upto - 1, summarized_upto=upto,
+        )
+        charge = c.OwedCharge(cost_nanos=cost, model_name=turn.model.name, receipt=receipt) if cost else None
         try:
             stored = await self.gw.sessions.store_summary(
                 turn.session_id,
@@ -594,10 +617,12 @@ class TurnRunner:
             return False
         context.summary, context.summarized_upto = stored.summary, stored.summarized_upto
         if charge is not None and stored.summarized_upto == upto:
-            await self._charge_summary(turn, upto, cost)
+            await self._charge_summary(turn, upto, cost, receipt)
         return True
 
-    async def _charge_summary(self, turn: Turn, upto: int, cost: int) -> None:
+    async def _charge_summary(
+        self, turn: Turn, upto: int, cost: int, receipt: c.ReceiptDetails | None = None
+    ) -> None:
         item = c.Charge(
             key=f"summary:{turn.session_id}:{upto}",
             kind="summary",
@@ -606,6 +631,7 @@ class TurnRunner:
             turn_id=turn.turn_id,
             cost_nanos=cost,
             model_name=turn.model.name,
+            receipt=receipt,
         )
         try:
             await self.gw.billing.charge([item])
@@ -628,6 +654,7 @@ class TurnRunner:
             )
             try:
                 reply = await self._ai_call("summarize", self.gw.ai.Summarize, request)
+                turn.summary_tokens = _tokens(reply)
                 return reply.response_text, _cost_nanos(reply)
             except grpc.RpcError as exc:
                 if _grpc_code(exc) != grpc.StatusCode.UNIMPLEMENTED:
@@ -649,6 +676,7 @@ class TurnRunner:
             output_price_nanos_per_1k=model.output_price_nanos_per_1k,
         )
         reply = await self._ai_call("process_summary", self.gw.ai.Process, fallback)
+        turn.summary_tokens = _tokens(reply)
         return reply.response_text, _cost_nanos(reply)
 
     # -- the process's background work ----------------------------------------------------------
