@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 
 from chat_billing.charges.schemas import ChargeBatchIn, ChargeIn
-from chat_billing.metrics import LEDGER_OPERATIONS
+from chat_billing.metrics import LEDGER_OPERATIONS, count_charge
 from chat_billing.pg import TRANSIENT_SQLSTATES, Pg
 from chat_billing.reservations.services import SETTLE, receipt_json
 from chat_common.contracts import ChargeBatchResult, ChargeResult
@@ -123,6 +123,7 @@ class ChargeService:
                     return _refused(item, _NOT_FOUND)
                 if outcome == "settled":
                     LEDGER_OPERATIONS.labels("settle").inc()
+                    count_charge("turn", row["charged_nanos"], row["shortfall_nanos"])
                 return ChargeResult(
                     key=item.key, status="charged" if outcome == "settled" else "already",
                     charged_nanos=row["charged_nanos"], shortfall_nanos=row["shortfall_nanos"],
@@ -142,6 +143,7 @@ class ChargeService:
             return _refused(item, "the key was used for another user's charge")
         if outcome == "charged":
             LEDGER_OPERATIONS.labels("debit").inc()
+            count_charge("summary", row["o_charged"], row["o_shortfall"])
         return ChargeResult(
             key=item.key, status="charged" if outcome == "charged" else "already",
             charged_nanos=row["o_charged"], shortfall_nanos=row["o_shortfall"],

@@ -24,7 +24,7 @@ from litestar import Response
 from chat_billing.accounts.services import UserNotFound
 from chat_billing.idempotency import fingerprint, run_once
 from chat_billing.inputs import reject_nul_characters
-from chat_billing.metrics import LEDGER_OPERATIONS, RESERVATION_FAILURES
+from chat_billing.metrics import LEDGER_OPERATIONS, RESERVATION_FAILURES, count_charge
 from chat_billing.pg import Pg
 from chat_billing.reservations.schemas import (
     LeaseRequest,
@@ -140,6 +140,7 @@ def settle_reply(row: Any) -> ReservationReply:
         raise ReservationNotFound()
     if outcome == "settled":
         LEDGER_OPERATIONS.labels("settle").inc()
+        count_charge("turn", row["charged_nanos"], row["shortfall_nanos"])
     return ReservationReply.of_row(row)
 
 
