@@ -254,6 +254,29 @@ class SearchResult(msgspec.Struct, kw_only=True):
     items: list[SearchHit]
 
 
+class ExpireRequest(msgspec.Struct, kw_only=True):
+    """``POST /v1/retention/expire``: remove up to ``limit`` sessions idle for longer than
+    ``older_than_seconds`` (each exactly once across callers)."""
+
+    older_than_seconds: float
+    limit: int = 100
+
+
+class ExpiredSession(msgspec.Struct, kw_only=True):
+    session_id: str
+    user_id: str
+
+
+class ExpiredPage(msgspec.Struct, kw_only=True):
+    items: list[ExpiredSession]
+
+
+class ExpiredAck(msgspec.Struct, kw_only=True):
+    """``POST /v1/retention/ack``: these removed sessions' files are gone."""
+
+    session_ids: list[str]
+
+
 class OutboxItem(msgspec.Struct, kw_only=True):
     outbox_id: int
     charge: Charge

@@ -10,6 +10,7 @@ from litestar.config.cors import CORSConfig
 
 from chat_common.app import ServicePlugin, parse_networks
 from chat_gateway.auth import check_configuration
+from chat_gateway.chat.retention import RetentionSweeper
 from chat_gateway.context import GatewayContext
 from chat_gateway.settings import GatewaySettings
 from chat_gateway.uploads.controllers import upload_routes
@@ -34,6 +35,12 @@ def create_app(settings: GatewaySettings | None = None) -> Litestar:
             asyncio.create_task(runner.store.keep_leases()),
             asyncio.create_task(runner.keep_holds()),
         ]
+        if settings.session_retention_days is not None:
+            sweeper = RetentionSweeper(
+                context.sessions, context.files, runner.store, retention_days=settings.session_retention_days
+            )
+            app.state.retention = sweeper
+            workers.append(asyncio.create_task(sweeper.run_forever(settings.retention_sweep_seconds)))
         try:
             yield
         finally:

@@ -139,6 +139,23 @@ class SessionsClient(_Typed):
             "GET", "/v1/search", c.SearchResult, params={"user_id": user_id, "query": query, "limit": limit}
         )
 
+    async def expire(self, older_than_seconds: float, limit: int) -> c.ExpiredPage:
+        # Sent once: each call removes a new batch; what a lost reply removed is found again
+        # through ``expired`` (the sessions service records every removal with it).
+        return await self._call(
+            "POST", "/v1/retention/expire", c.ExpiredPage,
+            body=c.ExpireRequest(older_than_seconds=older_than_seconds, limit=limit), retry=SEND_ONCE,
+        )
+
+    async def expired(self, older_than_seconds: float, limit: int) -> c.ExpiredPage:
+        return await self._call(
+            "GET", "/v1/retention/expired", c.ExpiredPage,
+            params={"older_than_seconds": older_than_seconds, "limit": limit},
+        )
+
+    async def expired_done(self, session_ids: list[str]) -> None:
+        await self.http.request("POST", "/v1/retention/ack", json=c.ExpiredAck(session_ids=session_ids), retry=IDEMPOTENT)
+
     async def owed(self, older_than_seconds: float, limit: int) -> c.OutboxPage:
         return await self._call(
             "GET", "/v1/outbox", c.OutboxPage, params={"older_than_seconds": older_than_seconds, "limit": limit}

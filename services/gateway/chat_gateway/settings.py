@@ -67,6 +67,9 @@ class GatewaySettings:
     # the request did not come through a proxy, or anyone with the metrics token
     metrics_allow_from: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
     metrics_token: str = ""
+    # retention: sessions idle for longer are removed with their files (None: kept forever)
+    session_retention_days: float | None = None
+    retention_sweep_seconds: float = 300.0
 
     @classmethod
     def from_env(cls) -> "GatewaySettings":
@@ -129,4 +132,20 @@ class GatewaySettings:
                 n for n in env_list("METRICS_ALLOW_FROM", ["127.0.0.1/32", "::1/128"]) if n.lower() != "none"
             ),
             metrics_token=env_str("METRICS_TOKEN"),
+            session_retention_days=retention_days(env_str("SESSION_RETENTION_DAYS")),
+            retention_sweep_seconds=max(0.1, env_float("RETENTION_SWEEP_SECONDS", 300.0)),
         )
+
+
+def retention_days(raw: str) -> float | None:
+    """``SESSION_RETENTION_DAYS``: unset or empty keeps sessions forever; else a positive number
+    of days (fractions allowed)."""
+    if not raw.strip():
+        return None
+    try:
+        days = float(raw)
+    except ValueError:
+        raise ValueError(f"environment variable SESSION_RETENTION_DAYS must be a number of days, got {raw!r}") from None
+    if not days > 0 or days == float("inf"):
+        raise ValueError("environment variable SESSION_RETENTION_DAYS must be more than 0 (unset keeps sessions forever)")
+    return days

@@ -11,7 +11,12 @@ from litestar.di import Provide
 from chat_common.app import ServicePlugin
 from chat_common.db import plain_dsn
 from chat_common.errors import AppError, BadRequestError, ConflictError, ServiceUnavailableError
-from chat_sessions.sessions.controllers import OutboxController, SearchController, SessionsController
+from chat_sessions.sessions.controllers import (
+    OutboxController,
+    RetentionController,
+    SearchController,
+    SessionsController,
+)
 from chat_sessions.sessions.services import SessionsService
 from chat_sessions.settings import SessionsSettings
 
@@ -68,7 +73,7 @@ def create_app(settings: SessionsSettings | None = None) -> Litestar:
         readiness_checks={"database": service.ping},
     )
     app = Litestar(
-        route_handlers=[SessionsController, SearchController, OutboxController],
+        route_handlers=[SessionsController, SearchController, OutboxController, RetentionController],
         dependencies={"sessions": Provide(lambda: service, sync_to_thread=False)},
         plugins=[plugin],
         lifespan=[lifespan],

@@ -133,3 +133,28 @@ class OutboxController(Controller):
     @post("/ack", status_code=200)
     async def outbox_ack(self, sessions: Sessions, data: JSONBody[schemas.OutboxAck]) -> schemas.OutboxAcked:
         return await sessions.outbox_ack(data.outbox_ids)
+
+
+class RetentionController(Controller):
+    """The retention sweep (SESSION_RETENTION_DAYS), for the gateway's sweeper: remove expired
+    sessions (each exactly once), page those whose files are not yet confirmed gone, ack them."""
+
+    path = "/v1/retention"
+    tags = ["retention"]
+
+    @post("/expire", status_code=200)
+    async def expire(self, sessions: Sessions, data: JSONBody[schemas.ExpireRequest]) -> schemas.ExpiredPage:
+        return await sessions.expire(data.older_than_seconds, data.limit)
+
+    @get("/expired")
+    async def expired(
+        self,
+        sessions: Sessions,
+        older_than_seconds: Annotated[float, QueryParameter(ge=0, le=10**9)] = 0,
+        limit: Annotated[int, QueryParameter(ge=1, le=schemas.MAX_RETENTION_BATCH)] = 100,
+    ) -> schemas.ExpiredPage:
+        return await sessions.expired(older_than_seconds, limit)
+
+    @post("/ack", status_code=200)
+    async def ack(self, sessions: Sessions, data: JSONBody[schemas.ExpiredAck]) -> schemas.ExpiredAcked:
+        return await sessions.expired_ack(data.session_ids)

@@ -169,3 +169,30 @@ class SearchHit(msgspec.Struct):
 
 class SearchResult(msgspec.Struct):
     items: list[SearchHit]
+
+
+MAX_RETENTION_BATCH = 500
+
+
+class ExpireRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Remove sessions idle for longer than ``older_than_seconds`` (at most ``limit``)."""
+
+    older_than_seconds: Annotated[float, msgspec.Meta(ge=0, le=10**11)]
+    limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_RETENTION_BATCH)] = 100
+
+
+class ExpiredSession(msgspec.Struct):
+    session_id: uuid.UUID
+    user_id: uuid.UUID
+
+
+class ExpiredPage(msgspec.Struct):
+    items: list[ExpiredSession]
+
+
+class ExpiredAck(msgspec.Struct, forbid_unknown_fields=True):
+    session_ids: Annotated[list[uuid.UUID], msgspec.Meta(max_length=MAX_OUTBOX_ACK)]
+
+
+class ExpiredAcked(msgspec.Struct):
+    acked: int

@@ -245,6 +245,22 @@ class SessionsService:
             ]
         )
 
+    # -- retention ------------------------------------------------------------------------------
+
+    async def expire(self, older_than_seconds: float, limit: int) -> schemas.ExpiredPage:
+        rows = await self._pool().fetch(sql.EXPIRE_SESSIONS, float(older_than_seconds), limit)
+        return schemas.ExpiredPage(items=[schemas.ExpiredSession(session_id=r[0], user_id=r[1]) for r in rows])
+
+    async def expired(self, older_than_seconds: float, limit: int) -> schemas.ExpiredPage:
+        rows = await self._pool().fetch(sql.EXPIRED_PAGE, float(older_than_seconds), limit)
+        return schemas.ExpiredPage(items=[schemas.ExpiredSession(session_id=r[0], user_id=r[1]) for r in rows])
+
+    async def expired_ack(self, session_ids: list[uuid.UUID]) -> schemas.ExpiredAcked:
+        if not session_ids:
+            return schemas.ExpiredAcked(acked=0)
+        status = await self._pool().execute(sql.EXPIRED_ACK, session_ids)
+        return schemas.ExpiredAcked(acked=int(status.rsplit(" ", 1)[1]))
+
     # -- outbox ---------------------------------------------------------------------------------
 
     async def outbox_page(self, older_than_seconds: float, limit: int) -> schemas.OutboxPage:

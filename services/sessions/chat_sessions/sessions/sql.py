@@ -99,3 +99,35 @@ SELECT h.session_id, h.session_name, h.seq, h.role,
   FROM search_entries($1, $2, $3) AS h
  ORDER BY h.rank DESC, h.created_at DESC, h.session_id, h.seq
 """
+
+# Retention (migration 0004). Remove up to $2 sessions whose last activity is older than $1
+# seconds, with their entries and turns (ON DELETE CASCADE), and record each in
+# expired_sessions in the same statement, for the files to be removed. SKIP LOCKED: a session
+# another sweeper (or an append) holds is left to it; an append that commits first refreshes
+# updated_at, and the row is then re-checked and kept.
+EXPIRE_SESSIONS = """
+WITH gone AS (
+    DELETE FROM sessions
+     WHERE id IN (SELECT id FROM sessions
+                   WHERE updated_at < clock_timestamp() - make_interval(secs => $1)
+                   ORDER BY updated_at
+                   LIMIT $2
+                   FOR UPDATE SKIP LOCKED)
+       AND updated_at < clock_timestamp() - make_interval(secs => $1)
+    RETURNING id, user_id
+)
+INSERT INTO expired_sessions (session_id, user_id)
+SELECT id, user_id FROM gone
+ON CONFLICT (session_id) DO NOTHING
+RETURNING session_id, user_id
+"""
+
+# Removed sessions whose files were not confirmed gone after $1 seconds (a sweeper died).
+EXPIRED_PAGE = """
+SELECT session_id, user_id FROM expired_sessions
+ WHERE removed_at <= now() - make_interval(secs => $1)
+ ORDER BY removed_at, session_id
+ LIMIT $2
+"""
+
+EXPIRED_ACK = "DELETE FROM expired_sessions WHERE session_id = ANY($1::uuid[])"
