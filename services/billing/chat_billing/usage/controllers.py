@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 
 from litestar import Controller, get
 from litestar.di import NamedDependency
-from litestar.params import FromPath, QueryParameter
+from litestar.params import FromPath, FromQuery, QueryParameter
 
 from chat_billing.inputs import parse_uuid
 from chat_billing.usage.services import ReceiptPage, UsageReply, UsageService
@@ -24,9 +24,9 @@ class UsageController(Controller):
         user_id: FromPath[str],
         usage: Usage,
         session_id: SessionQuery = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        by: Literal["day", "session", "model"] | None = None,
+        since: FromQuery[datetime | None] = None,
+        until: FromQuery[datetime | None] = None,
+        by: FromQuery[Literal["day", "session", "model"] | None] = None,
     ) -> UsageReply:
         """Turns, summary folds, tokens and dollars spent from the receipts, per group (``by``:
         UTC day, session or model) and in total; ``since`` inclusive, ``until`` exclusive
@@ -39,8 +39,8 @@ class UsageController(Controller):
         user_id: FromPath[str],
         usage: Usage,
         session_id: SessionQuery = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
+        since: FromQuery[datetime | None] = None,
+        until: FromQuery[datetime | None] = None,
         limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
     ) -> ReceiptPage:
         """A receipt per charge, oldest first: a turn's (kind ``turn``, key its turn id) and a
