@@ -70,6 +70,8 @@ class GatewaySettings:
     # retention: sessions idle for longer are removed with their files (None: kept forever)
     session_retention_days: float | None = None
     retention_sweep_seconds: float = 300.0
+    # streamed turns (PROTOCOL section 10): how long a finished turn's deltas stay resumable
+    stream_retention_seconds: int = 600
 
     @classmethod
     def from_env(cls) -> "GatewaySettings":
@@ -134,6 +136,7 @@ class GatewaySettings:
             metrics_token=env_str("METRICS_TOKEN"),
             session_retention_days=retention_days(env_str("SESSION_RETENTION_DAYS")),
             retention_sweep_seconds=max(0.1, env_float("RETENTION_SWEEP_SECONDS", 300.0)),
+            stream_retention_seconds=max(1, env_int("STREAM_RETENTION_SECONDS", 600)),
         )
 
 

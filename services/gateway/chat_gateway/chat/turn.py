@@ -162,6 +162,13 @@ class Turn:
     # what the AI was given and reported, for billing's receipt (sent with the settle)
     receipt: c.ReceiptDetails | None = None
     summary_tokens: tuple[int, int] = (0, 0)  # the last fold's, as the AI reported them
+    # a streamed turn (PROTOCOL section 10): where its deltas go (chat/streams.py), and how it ended
+    sink: Any = None
+    finish_reason: str = "stop"
+
+    def __post_init__(self) -> None:
+        if self.sink is not None:
+            self.turn_id = self.sink.turn_id
 
     @property
     def model(self) -> c.ModelInfo:
@@ -197,15 +204,23 @@ class TurnRunner:
 
     # -- entry point ----------------------------------------------------------------------------
 
-    async def run(self, request: ChatRequest, user_id: str) -> dict[str, Any]:
-        turn = Turn(request=request, user_id=user_id)
+    async def run(self, request: ChatRequest, user_id: str, sink: Any = None) -> dict[str, Any]:
+        """``sink`` (chat/streams.py) makes the generate step streamed; all else is the same."""
+        turn = Turn(request=request, user_id=user_id, sink=sink)
         turn_id_var.set(turn.turn_id)
         if not is_uuid(user_id):
             raise ProtocolError(ErrorCode.USER_NOT_FOUND)
         try:
             async with AsyncExitStack() as undo:
                 await self._prepare(turn, undo)
+                if turn.sink is not None:
+                    await turn.sink.started(turn)  # checks passed: the client hears the turn id
                 await self._generate_and_append(turn, undo)
+        except NothingProduced:
+            # a streamed turn cancelled before any text: nothing stored, the hold released
+            if turn.lock_token is not None:
+                await asyncio.shield(self.store.unlock(turn.session_id, turn.lock_token, None))
+            return self._reply(turn)
         except BaseException:
             if turn.lock_token is not None:
                 # the context is not written back: the next turn rebuilds it from sessions
@@ -223,12 +238,20 @@ class TurnRunner:
             self.spawn(self._fold_then_unlock(turn, context, token))
         else:
             await self.store.unlock(turn.session_id, token, context)
-        return {
+        return self._reply(turn)
+
+    @staticmethod
+    def _reply(turn: Turn) -> dict[str, Any]:
+        reply = {
             "user_id": turn.user_id,
             "session_id": turn.session_id,
-            "session_name": turn.context.name,
+            "session_name": turn.context.name if turn.context is not None else "",
             "message": turn.reply_text,
         }
+        if turn.sink is not None:
+            reply["turn_id"] = turn.turn_id
+            reply["finish_reason"] = turn.finish_reason
+        return reply
 
     # -- before the AI --------------------------------------------------------------------------
 
@@ -431,6 +454,10 @@ class TurnRunner:
             input_price_nanos_per_1k=model.input_price_nanos_per_1k,
             output_price_nanos_per_1k=model.output_price_nanos_per_1k,
         )
+        if turn.sink is not None:
+            # streamed: deltas go out as they come; sets reply_text, cost_nanos, finish_reason
+            await turn.sink.generate(self, turn, ai_request)
+            return
         try:
             reply = await self._ai_call("process", self.gw.ai.Process, ai_request)
         except (grpc.RpcError, asyncio.TimeoutError) as exc:
@@ -453,7 +480,7 @@ class TurnRunner:
                 return
             except _StaleTurn:
                 await self.store.invalidate(turn.session_id)
-                if attempt == 1:
+                if attempt == 1 or turn.sink is not None:  # a streamed reply was sent already
                     raise ProtocolError(ErrorCode.INTERNAL) from None
                 turn.context = await self._fetch_context(turn)
                 if turn.context.has_gap():
@@ -718,6 +745,10 @@ class TurnRunner:
     async def drain(self, timeout: float) -> None:
         if self.background:
             await asyncio.wait(list(self.background), timeout=timeout)
+
+
+class NothingProduced(Exception):
+    """A streamed turn was cancelled before the AI produced any text: nothing is stored."""
 
 
 class _StaleTurn(Exception):

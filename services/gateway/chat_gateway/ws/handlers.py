@@ -31,6 +31,7 @@ from chat_gateway.auth import (
     token_expired,
 )
 from chat_gateway.chat.context_cache import ContextStore
+from chat_gateway.chat.streams import FellBehind, turn_streams
 from chat_gateway.chat.turn import TurnRunner
 from chat_gateway.context import GatewayContext
 from chat_gateway.ws.draining import WS_GOING_AWAY, SocketRegistry
@@ -46,11 +47,13 @@ from chat_gateway.ws.metrics import (
 )
 from chat_gateway.ws.protocol import (
     REQUEST_TYPES,
+    CancelRequest,
     ChatRequest,
     ErrorCode,
     Frame,
     MessageType,
     ProtocolError,
+    ResumeRequest,
     SearchRequest,
     SessionRequest,
     UserRequest,
@@ -121,7 +124,10 @@ class SocketSession:
             MessageType.LIST_MODELS: self.list_models,
             MessageType.BALANCE: self.balance,
             MessageType.SEARCH: self.search,
+            MessageType.RESUME_TURN: self.resume_turn,
+            MessageType.CANCEL_TURN: self.cancel_turn,
         }
+        self.streams = turn_streams(runner)
 
     async def _send(self, frame: bytes) -> None:
         await self.socket.send({"type": "websocket.send", "text": frame.decode()})
@@ -201,6 +207,8 @@ class SocketSession:
             except Exception:
                 logger.exception("request of type %s failed", message_type)
                 return error_frame(ProtocolError(ErrorCode.INTERNAL), message_type)
+            if isinstance(data, bytes):  # a frame as a streamed turn stored it
+                return data
             try:
                 return encode_reply(message_type, data)
             except (TypeError, msgspec.EncodeError):
@@ -254,12 +262,46 @@ class SocketSession:
         chat = [{"role": e["role"], "content": e["content"]} for e in payload.get("items") or []]
         return {"user_id": user_id, "session_id": request.session_id, "chat": msgspec.json.encode(chat).decode()}
 
-    async def chat_message(self, request: ChatRequest, user_id: str) -> dict[str, Any]:
+    async def chat_message(self, request: ChatRequest, user_id: str) -> dict[str, Any] | bytes:
+        if request.stream:
+            return await self.streamed_turn(request, user_id)
         reply = await self._durable(measured_turn(self.runner, request, user_id))
         if self.gw.settings.service.log_content:
             # opt-in (LOG_MESSAGE_CONTENT=true) for debugging a deployment; off, no chat text is logged
             logger.info("chat turn", extra={"chat_message": request.message, "chat_reply": reply.get("message", "")})
         return reply
+
+    async def streamed_turn(self, request: ChatRequest, user_id: str) -> bytes:
+        """PROTOCOL section 10: the turn runs on its own (durable); this socket follows its
+        stream from seq 0 like any resuming socket. Refused before its checks passed, it is the
+        ordinary error reply and no type 7."""
+        sink = self.streams.sink(user_id)
+        task = self.runner.spawn(self.streams.run(measured_turn(self.runner, request, user_id, sink), sink))
+        announced = asyncio.ensure_future(sink.announced.wait())
+        try:
+            await asyncio.wait({task, announced}, return_when=asyncio.FIRST_COMPLETED)
+            if not sink.announced.is_set():
+                return await asyncio.shield(task)
+            return await self._follow(sink.turn_id, user_id, -1)
+        except asyncio.CancelledError:
+            if request.on_disconnect == "cancel":  # the socket went away
+                sink.cancel()
+            raise
+        finally:
+            announced.cancel()
+
+    async def _follow(self, turn_id: str, user_id: str, after_seq: int) -> bytes:
+        try:
+            return await self.streams.follow(turn_id, user_id, after_seq, self.dispatcher.write)
+        except FellBehind:
+            await self._close(WS_TRY_AGAIN_LATER, "fell too far behind a streamed turn; resume it with type 8", "stream_lag")
+            return b""
+
+    async def resume_turn(self, request: ResumeRequest, user_id: str) -> bytes:
+        return await self._follow(request.turn_id, user_id, request.after_seq)
+
+    async def cancel_turn(self, request: CancelRequest, user_id: str) -> dict[str, Any]:
+        return await self.streams.cancel(request.turn_id, user_id)
 
     async def delete_session(self, request: SessionRequest, user_id: str) -> dict[str, Any]:
         if not is_uuid(user_id):
@@ -302,11 +344,11 @@ class SocketSession:
             raise ProtocolError(failure) from None
 
 
-async def measured_turn(runner: TurnRunner, request: ChatRequest, user_id: str) -> dict[str, Any]:
+async def measured_turn(runner: TurnRunner, request: ChatRequest, user_id: str, sink: Any = None) -> dict[str, Any]:
     started = time.perf_counter()
     outcome = "ok"
     try:
-        return await runner.run(request, user_id)
+        return await runner.run(request, user_id, sink)
     except ProtocolError as exc:
         outcome = f"error_{int(exc.code)}"
         raise

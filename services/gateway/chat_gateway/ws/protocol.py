@@ -28,6 +28,10 @@ class MessageType(IntEnum):
     DELETE_SESSION = 4
     LIST_MODELS = 5
     BALANCE = 6
+    # extension: streamed turns (PROTOCOL section 10); 7 is sent only, never asked
+    TURN_DELTA = 7
+    RESUME_TURN = 8
+    CANCEL_TURN = 9
     # extension: search over one's own history (PROTOCOL section 11)
     SEARCH = 10
 
@@ -57,6 +61,9 @@ class ErrorCode(IntEnum):
     USER_MISMATCH = 106
     SESSION_BUSY = 107
     RATE_LIMITED = 108
+    # streamed turns (120 up, clear of the spending limits' codes)
+    TURN_NOT_FOUND = 120
+    TURN_INTERRUPTED = 121
     DAILY_LIMIT = 109
     MONTHLY_LIMIT = 110
     SESSION_LIMIT = 111
@@ -92,6 +99,8 @@ DEFAULT_MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.USER_MISMATCH: "user_id does not match the authenticated user",
     ErrorCode.SESSION_BUSY: "Session is busy with another message; try again",
     ErrorCode.RATE_LIMITED: "Rate limit exceeded: too many requests; slow down",
+    ErrorCode.TURN_NOT_FOUND: "Unknown turn: no such turn of this user, or it ended too long ago",
+    ErrorCode.TURN_INTERRUPTED: "The turn was interrupted: the gateway running it stopped; reload the session",
     ErrorCode.DAILY_LIMIT: "Daily spending limit reached",
     ErrorCode.MONTHLY_LIMIT: "Monthly spending limit reached",
     ErrorCode.SESSION_LIMIT: "Session spending limit reached",
@@ -138,10 +147,27 @@ class ChatRequest(msgspec.Struct):
     # None (absent) keeps the session's stored prompt; "" sets it empty.
     session_prompt: str | None = None
     file_name: str | None = None
+    # extension (PROTOCOL section 10): stream the reply as type 7 deltas
+    stream: bool = False
+    on_disconnect: str | None = None  # "continue" (the default) or "cancel"
 
     @property
     def is_new(self) -> bool:
         return self.session_id == NEW_SESSION
+
+
+class ResumeRequest(msgspec.Struct):
+    turn_id: str
+    after_seq: int = 0
+    user_id: str | None = None
+
+
+class CancelRequest(msgspec.Struct):
+    turn_id: str
+    user_id: str | None = None
+
+
+ON_DISCONNECT = ("continue", "cancel")
 
 
 class SearchRequest(msgspec.Struct):
@@ -161,6 +187,8 @@ REQUEST_TYPES: dict[int, type[msgspec.Struct]] = {
     MessageType.DELETE_SESSION: SessionRequest,
     MessageType.LIST_MODELS: UserRequest,
     MessageType.BALANCE: UserRequest,
+    MessageType.RESUME_TURN: ResumeRequest,
+    MessageType.CANCEL_TURN: CancelRequest,
     MessageType.SEARCH: SearchRequest,
 }
 
@@ -360,6 +388,10 @@ def validate_request(request: msgspec.Struct, settings: GatewaySettings) -> None
                 raise ProtocolError(ErrorCode.FILE_NOT_FOUND)
         else:
             request.file_name = None
+        if request.on_disconnect is not None and request.on_disconnect not in ON_DISCONNECT:
+            raise ProtocolError(
+                ErrorCode.INVALID_VALUE, 'Field `data.on_disconnect` must be "continue" or "cancel"'
+            )
         if request.model_name:
             _check_text("model_name", request.model_name, MAX_MODEL_NAME_CHARS, allow_blank=False)
             if _CONTROL.search(request.model_name):
