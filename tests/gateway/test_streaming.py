@@ -315,3 +315,34 @@ async def test_followers_hear_an_error_when_the_streaming_gateway_is_killed(
     # never charged more than was produced (here: nothing was stored; its hold lapses)
     money = balance_of(stack, user)
     assert money["balance_nanos"] + money["reserved_nanos"] == before
+
+
+async def test_cancel_before_any_text_stores_and_charges_nothing(stack: Stack) -> None:
+    port = free_port()
+    key = f"ai-glacial-{uuid.uuid4().hex[:6]}"
+    env = {**stack.base_env(), "AI_SERVER_PORT": str(port), "OFFLINE_STREAM_DELAY_MS": "3000"}
+    ai = ServiceProcess(key, port, stack.data_dir / "run" / key, module="chat_ai", env=env, health_path=None)
+    ai.start()
+    gateway = start_gateway(stack, port)
+    try:
+        user = new_user(stack)
+        before = balance_of(stack, user)
+        async with connect(ws_url(gateway)) as client:
+            head = await start_stream(client, user, "NEW", "never answered")
+            await client.send(9, user_id=user, turn_id=head["turn_id"])
+            frames = {}
+            while len(frames) < 2:  # the two replies may come in either order
+                frame = await client.recv()
+                assert frame.get("type") in (3, 9), frame  # no delta
+                frames[frame["type"]] = frame
+            cancelled, final, deltas = assert_ok(frames[9], 9), frames[3], []
+            sessions = assert_ok(await client.request(1, user_id=user), 1)["session_info"]
+        assert cancelled["status"] == "cancelled"
+        reply = assert_ok(final, 3)
+        assert deltas == [] and reply["message"] == "" and reply["finish_reason"] == "cancelled"
+        assert not sessions  # nothing stored: the new session went with the turn
+        after = balance_of(stack, user)
+        assert after["balance_nanos"] == before["balance_nanos"] and after["reserved_nanos"] == 0
+    finally:
+        gateway.stop()
+        ai.stop()
