@@ -45,6 +45,7 @@ HEARTBEAT_SECONDS = 1.0
 FOLLOW_BLOCK_MS = 1_000
 BATCH = 256
 MAX_FOLLOWER_LAG = 2_048  # entries a reader may be behind the turn before it is closed
+FOLLOWER_SEND_SECONDS = 10.0  # a socket that takes longer to accept one frame is closed
 CANCEL_WAIT_SECONDS = 15.0
 _STREAM_UNIMPLEMENTED_SECONDS = 300.0
 
@@ -88,6 +89,7 @@ class TurnStreams:
             frame = encode_error(ProtocolError(ErrorCode.INTERNAL), MessageType.CHAT_MESSAGE)
         finally:
             sink.stop_heartbeat()
+            self.local.pop(sink.turn_id, None)
         if sink.announced.is_set():
             await sink.finish(frame, reason)
         return frame
@@ -132,7 +134,10 @@ class TurnStreams:
                 if fields[b"k"] == b"e":
                     return bytes(fields[b"f"])
                 if int(fields[b"s"]) > after_seq:
-                    await write(bytes(fields[b"f"]))
+                    try:
+                        await asyncio.wait_for(write(bytes(fields[b"f"])), FOLLOWER_SEND_SECONDS)
+                    except asyncio.TimeoutError:
+                        raise FellBehind() from None  # the socket is closed: a cut frame is moot
             if len(entries) == BATCH and await self.redis.xlen(key) - read > MAX_FOLLOWER_LAG:
                 raise FellBehind()
 
