@@ -5,16 +5,30 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import pytest
 
+from chat_common.aiproto import ai_service_pb2 as pb
 from devstack.servers import ServiceProcess, free_port
 from devstack.stack import Stack
 
-from .conftest import Client, assert_error, assert_ok, balance_of, connect, new_user, start_gateway, ws_url
+from .conftest import (
+    PROCESS_COST_NANOS,
+    Client,
+    StandInAI,
+    assert_error,
+    assert_ok,
+    balance_of,
+    connect,
+    new_user,
+    start_gateway,
+    ws_url,
+)
 
 DELAY_MS = 40
 TURN_NOT_FOUND = 120
@@ -181,6 +195,8 @@ async def test_refused_turns_send_no_type_7(stack: Stack, gw_a: ServiceProcess) 
             assert_error(await client.recv(), code, 3)
         assert_error(await client.request(3, user_id=poor, session_id="NEW", model_name="llama3.1:8b",
                                           message="hi", stream=True, on_disconnect="later"), 103, 3)
+        # type 7 is the server's only: a client sending it hears "Unknown Message"
+        assert_error(await client.request(7, user_id=poor, turn_id=str(uuid.uuid4())), 1, 7)
 
 
 async def full_turn_cost(stack: Stack, url: str, message: str) -> int:
@@ -346,3 +362,55 @@ async def test_cancel_before_any_text_stores_and_charges_nothing(stack: Stack) -
     finally:
         gateway.stop()
         ai.stop()
+
+
+class StreamingStandIn(StandInAI):
+    """The recording stand-in with a ProcessStream: five deltas, no usage until the last chunk;
+    a message starting with ``break`` fails the call after two deltas."""
+
+    def ProcessStream(self, request: pb.Request, context: grpc.ServicerContext) -> Iterator[pb.StreamChunk]:
+        for i in range(5):
+            if request.chat_message.startswith("break") and i == 2:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the model died")
+            time.sleep(0.02)
+            yield pb.StreamChunk(delta=f"part{i} ")
+        yield pb.StreamChunk(done=True, cost_nanos=PROCESS_COST_NANOS)
+
+
+@pytest.fixture(scope="module")
+def streaming_stand_in(stack: Stack) -> Iterator[ServiceProcess]:
+    ai = StreamingStandIn().start()
+    gateway = start_gateway(stack, ai.port)
+    yield gateway
+    gateway.stop()
+    ai.stop()
+
+
+async def test_the_cost_the_ai_reports_is_charged_exactly(stack: Stack, streaming_stand_in: ServiceProcess) -> None:
+    user = new_user(stack)
+    before = balance_of(stack, user)["balance_nanos"]
+    async with connect(ws_url(streaming_stand_in)) as client:
+        await start_stream(client, user, "NEW", "count me")
+        deltas, final = await read_to_end(client)
+    assert [d["delta"] for d in deltas] == [f"part{i} " for i in range(5)]
+    assert assert_ok(final, 3)["message"] == "part0 part1 part2 part3 part4 "
+    money = balance_of(stack, user)
+    assert money["balance_nanos"] == before - PROCESS_COST_NANOS and money["reserved_nanos"] == 0
+
+
+async def test_an_ai_failure_midway_stores_and_charges_what_was_produced(
+    stack: Stack, streaming_stand_in: ServiceProcess
+) -> None:
+    user = new_user(stack)
+    before = balance_of(stack, user)["balance_nanos"]
+    async with connect(ws_url(streaming_stand_in)) as client:
+        head = await start_stream(client, user, "NEW", "break please")
+        deltas, final = await read_to_end(client)
+        chat = json.loads(assert_ok(await client.request(2, user_id=user, session_id=head["session_id"]), 2)["chat"])
+    reply = assert_ok(final, 3)
+    assert reply["finish_reason"] == "error" and reply["message"] == "part0 part1 " == text_of(deltas)
+    assert chat == [{"role": "user", "content": "break please"}, {"role": "assistant", "content": "part0 part1 "}]
+    money = balance_of(stack, user)
+    charged = before - money["balance_nanos"]
+    # nothing reported: counted by the gateway (input estimate + the text produced), not the hold
+    assert 0 < charged < 100_000 and money["reserved_nanos"] == 0
