@@ -282,17 +282,28 @@ class SocketSession:
             await asyncio.wait({task, announced}, return_when=asyncio.FIRST_COMPLETED)
             if not sink.announced.is_set():
                 return await asyncio.shield(task)
-            return await self._follow(sink.turn_id, user_id, -1)
-        except asyncio.CancelledError:
-            if request.on_disconnect == "cancel":  # the socket went away
+            return await self._follow(sink.turn_id, user_id, -1, self._write_or_gone)
+        except _SocketGone:  # a write found the socket closed
+            if request.on_disconnect == "cancel":
+                sink.cancel()
+            return b""
+        except asyncio.CancelledError:  # the socket went away and its worker was cancelled
+            if request.on_disconnect == "cancel":
                 sink.cancel()
             raise
         finally:
             announced.cancel()
 
-    async def _follow(self, turn_id: str, user_id: str, after_seq: int) -> bytes:
+    async def _write_or_gone(self, frame: bytes) -> None:
+        await self.dispatcher.write(frame)
+        if self.dispatcher.closed:
+            raise _SocketGone()
+
+    async def _follow(
+        self, turn_id: str, user_id: str, after_seq: int, write: Callable[[bytes], Awaitable[None]] | None = None
+    ) -> bytes:
         try:
-            return await self.streams.follow(turn_id, user_id, after_seq, self.dispatcher.write)
+            return await self.streams.follow(turn_id, user_id, after_seq, write or self.dispatcher.write)
         except FellBehind:
             await self._close(WS_TRY_AGAIN_LATER, "fell too far behind a streamed turn; resume it with type 8", "stream_lag")
             return b""
@@ -342,6 +353,10 @@ class SocketSession:
         except AppError as exc:
             logger.error("billing call failed: %s", exc.message)
             raise ProtocolError(failure) from None
+
+
+class _SocketGone(Exception):
+    """The socket following a streamed turn is closed."""
 
 
 async def measured_turn(runner: TurnRunner, request: ChatRequest, user_id: str, sink: Any = None) -> dict[str, Any]:
