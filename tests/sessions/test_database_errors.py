@@ -10,7 +10,8 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from chat_common.db import apply_migrations
-from chat_sessions.app import classify_database_error, create_app
+from chat_common.errors import classify_unexpected
+from chat_sessions.app import create_app
 from devstack.servers import PostgresServer, free_port
 
 from .conftest import append_turn, create_session, make_settings, new_id
@@ -30,12 +31,12 @@ from .conftest import append_turn, create_session, make_settings, new_id
     ],
 )
 def test_classification(exc: Exception, status: int) -> None:
-    known = classify_database_error(exc)
+    known = classify_unexpected(exc)
     assert known is not None and known.status_code == status
 
 
 def test_a_bug_stays_a_bug() -> None:
-    assert classify_database_error(asyncpg.exceptions.UndefinedTableError("no table")) is None
+    assert classify_unexpected(asyncpg.exceptions.UndefinedTableError("no table")) is None
 
 
 async def test_postgres_restart_is_a_503_then_works(private_dir: Path, service_token: str) -> None:

@@ -5,7 +5,6 @@ import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import asyncpg
 from litestar import Litestar
 from litestar.di import Provide
 
@@ -17,7 +16,7 @@ from chat_billing.catalog.controllers import CatalogController
 from chat_billing.catalog.services import CatalogService
 from chat_billing.limits.controllers import LimitController
 from chat_billing.limits.services import LimitService
-from chat_billing.pg import Pg, postgres_error_handler
+from chat_billing.pg import Pg
 from chat_billing.usage.controllers import UsageController
 from chat_billing.usage.services import UsageService
 from chat_billing.reservations.controllers import ReservationController
@@ -80,7 +79,6 @@ def create_app(settings: BillingSettings | None = None) -> Litestar:
             "limits": constant(limits),
             "usage": constant(usage),
         },
-        exception_handlers={asyncpg.PostgresError: postgres_error_handler},
         plugins=[plugin],
         lifespan=[lifespan],
         request_class=ExactJsonRequest,

@@ -16,21 +16,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
-from litestar import Request, Response
 
 from chat_common.db import check_schema_name, plain_dsn
-from chat_common.errors import (
-    BadRequestError,
-    ConflictError,
-    ServiceUnavailableError,
-    unhandled_exception_handler,
-)
+from chat_common.errors import ServiceUnavailableError
 
 logger = logging.getLogger(__name__)
-
-# serialization_failure, deadlock_detected, lock_not_available, query_canceled: rolled back,
-# nothing applied, safe to retry
-TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57014"})
 
 
 def _reusable_after(exc: Exception, connection: asyncpg.Connection) -> bool:
@@ -229,20 +219,3 @@ class Pg:
 
     async def ping(self) -> None:
         await self.pool.fetchval("SELECT 1")
-
-
-def postgres_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    """asyncpg's own errors, as the SQLAlchemy ones are answered by chat_common.errors: a
-    retryable database state is 503, a constraint 409, a bad value 400, anything else 500."""
-    sqlstate = getattr(exc, "sqlstate", None)
-    known: BadRequestError | ConflictError | ServiceUnavailableError | None = None
-    if sqlstate in TRANSIENT_SQLSTATES:
-        known = ServiceUnavailableError("database busy; retry the request")
-    elif isinstance(exc, asyncpg.IntegrityConstraintViolationError):
-        known = ConflictError("the request conflicts with stored data")
-    elif isinstance(exc, asyncpg.DataError):
-        known = BadRequestError("a value in the request is out of range or malformed")
-    if known is None:
-        return unhandled_exception_handler(request, exc)
-    return Response(content=known.to_body(), status_code=known.status_code)
-

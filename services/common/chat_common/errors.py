@@ -206,7 +206,9 @@ _UNAVAILABLE: list[type[BaseException]] = [
 ]
 # serialization_failure, deadlock_detected, lock_not_available, query_canceled: rolled back,
 # nothing applied, safe to retry
-_TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57014"})
+TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57014"})
+# connection exception, insufficient resources, admin/crash shutdown and "cannot connect now"
+_OUTAGE_SQLSTATE_CLASSES = ("08", "53", "57P")
 
 
 def register_unavailable(*kinds: type[BaseException]) -> None:
@@ -230,13 +232,19 @@ def classify_unexpected(exc: BaseException) -> AppError | None:
     the checks missed is still a client error and an outage is a 503, never a traceback."""
     chain = _causes(exc)
     for cause in chain:
-        if getattr(getattr(cause, "orig", None), "sqlstate", None) in _TRANSIENT_SQLSTATES:
+        # asyncpg's own errors carry the SQLSTATE; SQLAlchemy's wrap one of those as ``orig``
+        sqlstate = str(getattr(cause, "sqlstate", None) or getattr(getattr(cause, "orig", None), "sqlstate", None) or "")
+        if sqlstate in TRANSIENT_SQLSTATES:
             return ServiceUnavailableError("database busy; retry the request")
+        if isinstance(cause, asyncpg.PostgresError) and sqlstate.startswith(_OUTAGE_SQLSTATE_CLASSES):
+            return ServiceUnavailableError("a dependency is unavailable; retry the request")
     for cause in chain:
-        if isinstance(cause, IntegrityError):
+        if isinstance(cause, (IntegrityError, asyncpg.IntegrityConstraintViolationError)):
             return ConflictError("the request conflicts with stored data")
-        if isinstance(cause, DataError):
+        if isinstance(cause, (DataError, asyncpg.DataError)):
             return BadRequestError("a value in the request is out of range or malformed")
+        if isinstance(cause, asyncpg.InterfaceError):  # the connection closed or was lost mid-call
+            return ServiceUnavailableError("a dependency is unavailable; retry the request")
         if isinstance(cause, tuple(_UNAVAILABLE)) or (
             isinstance(cause, DBAPIError) and cause.connection_invalidated
         ):
