@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
+from chat_gateway.chat.periodic import every
 from chat_gateway.chat.context_cache import CONTEXT_KEY, LOCK_KEY, ContextStore, Entry, LockTimeout, SessionContext
 
 
@@ -143,7 +144,7 @@ async def test_an_unrenewed_lease_runs_out_and_a_renewed_one_does_not(redis: Red
     other = str(uuid.uuid4())
     alive = store_for(redis, lease=1)
     await alive.lock(other, read_context=False)
-    keeper = asyncio.create_task(alive.keep_leases())
+    keeper = asyncio.create_task(every(alive.renew_seconds, alive.renew_held, "turn lock renewal"))
     try:
         with pytest.raises(LockTimeout):  # held well past its 1 s lease
             await store_for(redis, lease=1, wait=2.5).lock(other, read_context=False)

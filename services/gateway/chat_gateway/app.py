@@ -11,6 +11,7 @@ from litestar.config.cors import CORSConfig
 from chat_common.app import ServicePlugin, parse_networks
 from chat_gateway.auth import check_configuration
 from chat_gateway.chat.retention import RetentionSweeper
+from chat_gateway.chat.periodic import every
 from chat_gateway.context import GatewayContext
 from chat_gateway.settings import GatewaySettings
 from chat_gateway.uploads.controllers import upload_routes
@@ -31,16 +32,18 @@ def create_app(settings: GatewaySettings | None = None) -> Litestar:
         app.state.gateway = context
         runner = turn_runner(app.state, context)
         workers = [
-            asyncio.create_task(runner.owed.run_forever(settings.outbox_sweep_seconds)),
-            asyncio.create_task(runner.store.keep_leases()),
-            asyncio.create_task(runner.keep_holds()),
+            asyncio.create_task(every(settings.outbox_sweep_seconds, runner.owed.settle_once, "owed charges")),
+            asyncio.create_task(every(runner.store.renew_seconds, runner.store.renew_held, "turn lock renewal")),
+            asyncio.create_task(
+                every(max(1.0, settings.reservation_lease_seconds / 3), runner.renew_holds, "hold renewal")
+            ),
         ]
         if settings.session_retention_days is not None:
             sweeper = RetentionSweeper(
                 context.sessions, context.files, runner.store, retention_days=settings.session_retention_days
             )
             app.state.retention = sweeper
-            workers.append(asyncio.create_task(sweeper.run_forever(settings.retention_sweep_seconds)))
+            workers.append(asyncio.create_task(every(settings.retention_sweep_seconds, sweeper.sweep_once, "retention sweep")))
         try:
             yield
         finally:

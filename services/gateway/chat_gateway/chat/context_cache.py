@@ -138,6 +138,8 @@ class ContextStore:
         self.window_size = window_size
         self.ttl_seconds = max(1, ttl_seconds)
         self.lease_ms = max(1000, int(lease_seconds * 1000))
+        # held leases are renewed three times per lease (chat/periodic.py runs renew_held)
+        self.renew_seconds = self.lease_ms / 3000
         self.wait_seconds = wait_seconds
         self._encoder = msgspec.json.Encoder()
         self._decoder = msgspec.json.Decoder(SessionContext)
@@ -227,13 +229,3 @@ class ContextStore:
                 logger.warning("lost the turn lock %s (expired or Redis wiped)", key)
                 lost += 1
         return lost
-
-    async def keep_leases(self) -> None:
-        """Runs for the life of the process: renews held leases three times per lease."""
-        interval = self.lease_ms / 3000
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.renew_held()
-            except RedisError as exc:
-                logger.warning("could not renew turn locks: %s", exc)

@@ -10,11 +10,8 @@ harmless for the same reason.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import TYPE_CHECKING
-
-from chat_common.errors import AppError
 
 if TYPE_CHECKING:
     from chat_gateway.clients import BillingClient, SessionsClient
@@ -56,13 +53,3 @@ class OwedCharges:
         if answered:
             logger.debug("owed charges answered", extra={"answered": answered})
         return answered
-
-    async def run_forever(self, every_seconds: float) -> None:
-        while True:
-            await asyncio.sleep(every_seconds)
-            try:
-                await self.settle_once()
-            except AppError as exc:  # sessions or billing away: the next round tries again
-                logger.warning("owed charges not settled this round: %s", exc.message)
-            except Exception:
-                logger.exception("owed charges round failed")

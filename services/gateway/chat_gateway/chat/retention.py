@@ -11,7 +11,6 @@ period) and finishes. Outbox rows are not touched: money owed stays owed.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -64,13 +63,3 @@ class RetentionSweeper:
         if finished:
             await self.sessions.expired_done(finished)
         return len(finished)
-
-    async def run_forever(self, every_seconds: float) -> None:
-        while True:
-            await asyncio.sleep(every_seconds)
-            try:
-                await self.sweep_once()
-            except AppError as exc:  # sessions or files away: the next round tries again
-                logger.warning("retention sweep not done this round: %s", exc.message)
-            except Exception:
-                logger.exception("retention sweep failed")

@@ -725,15 +725,6 @@ class TurnRunner:
             except AppError as exc:
                 logger.warning("could not renew the hold %s: %s", reservation_id, exc.message)
 
-    async def keep_holds(self) -> None:
-        interval = max(1.0, self.settings.reservation_lease_seconds / 3)
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.renew_holds()
-            except Exception:  # the next round tries again
-                logger.exception("renewing holds failed")
-
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         """A task that outlives the socket that asked for it (kept referenced until done)."""
         task = asyncio.create_task(coro)
