@@ -73,6 +73,9 @@ def test_extension_fields_are_where_the_gateway_expects_them() -> None:
     request = ai_service_pb2.DESCRIPTOR.message_types_by_name["Request"].fields_by_name
     response = ai_service_pb2.DESCRIPTOR.message_types_by_name["Response"].fields_by_name
     assert (request["input_price_nanos_per_1k"].number, request["output_price_nanos_per_1k"].number) == (100, 101)
+    # optional (presence tracked): unset means the provider's own limit, not zero tokens
+    assert request["max_output_tokens"].number == 102 and request["max_output_tokens"].has_presence
+    assert not ai_service_pb2.Request().HasField("max_output_tokens")
     assert (response["input_tokens"].number, response["output_tokens"].number, response["cost_nanos"].number) == (
         100, 101, 102
     )

@@ -44,6 +44,11 @@ def chat_call(request: ai_service_pb2.Request) -> ChatCall:
     files = tuple(url.strip() for url in request.file_name if url.strip())
     if len(files) > MAX_FILES_PER_CALL:
         raise invalid_argument(f"at most {MAX_FILES_PER_CALL} files per call, got {len(files)}")
+    max_output: int | None = None
+    if request.HasField("max_output_tokens"):
+        max_output = request.max_output_tokens
+        if max_output < 1:
+            raise invalid_argument(f"max_output_tokens must be at least 1, got {max_output}")
     return ChatCall(
         model=request.model_name.strip(),
         message=request.chat_message,
@@ -51,6 +56,7 @@ def chat_call(request: ai_service_pb2.Request) -> ChatCall:
         summary=request.chat_summary,
         history=parse_entries(request.chat_history, "chat_history"),
         files=files,
+        max_output_tokens=max_output,
     )
 
 

@@ -46,6 +46,8 @@ class ChatCall:
     summary: str = ""
     history: tuple[ChatEntry, ...] = ()
     files: tuple[str, ...] = ()
+    # At most this many output tokens (the request's max_output_tokens); None: no limit of ours.
+    max_output_tokens: int | None = None
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The offline provider: no model, no network except fetching the turn's files. Its reply states,
 one fact per line, what the turn carried, so a test anywhere in the system can prove that the
-prompt, history, summary, message and files reached the AI service. Same input, same output."""
+prompt, history, summary, message and files reached the AI service. Same input, same output.
+A call with ``max_output_tokens`` gets the first that many tokens (words) of that reply."""
 from __future__ import annotations
 
 import asyncio
@@ -56,6 +57,8 @@ class OfflineProvider:
             lines.append("Files: (none)")
         lines.append(f"Model: {call.model}")
         text = "\n".join(lines)
+        if call.max_output_tokens is not None:
+            text = first_tokens(text, call.max_output_tokens)
         input_tokens = count_tokens(
             call.prompt, call.summary, *(entry.content for entry in call.history), call.message, *call.files
         )
@@ -80,6 +83,21 @@ class OfflineProvider:
         text = _cap(lines)
         input_tokens = count_tokens(call.previous_summary, *(entry.content for entry in call.entries))
         return Completion(text, input_tokens, count_tokens(text))
+
+
+def first_tokens(text: str, limit: int) -> str:
+    """``text`` cut after its first ``limit`` tokens (words, as :func:`count_tokens` counts
+    them), with the whitespace that followed the last one dropped."""
+    if count_tokens(text) <= limit:
+        return text
+    kept: list[str] = []
+    seen = 0
+    for piece in _WORDS.findall(text):
+        seen += count_tokens(piece)
+        if seen > limit:
+            break
+        kept.append(piece)
+    return "".join(kept).rstrip()
 
 
 def _history_line(call: ChatCall) -> str:

@@ -39,11 +39,15 @@ class OllamaProvider:
         self._image_max_bytes = image_max_bytes
 
     async def chat(self, call: ChatCall, timeout: float) -> Completion:
-        return await self._complete(call.model, await self._messages(call, timeout), timeout)
+        return await self._complete(
+            call.model, await self._messages(call, timeout), timeout, num_predict=call.max_output_tokens
+        )
 
     async def stream(self, call: ChatCall, timeout: float) -> AsyncIterator[Piece]:
         """``"stream": true``: one JSON object per line, the last with ``done`` and the counts."""
-        body = {"model": call.model, "messages": await self._messages(call, timeout), "stream": True}
+        body: dict[str, Any] = {"model": call.model, "messages": await self._messages(call, timeout), "stream": True}
+        if call.max_output_tokens is not None:
+            body["options"] = {"num_predict": call.max_output_tokens}
         lines = post_lines(self._client, "ollama", self._url, body, timeout=timeout)
         try:
             async for line in lines:
@@ -81,11 +85,13 @@ class OllamaProvider:
     async def summarize(self, call: SummaryCall, timeout: float) -> Completion:
         return await self._complete(call.model, summary_messages(call), timeout)
 
-    async def _complete(self, model: str, messages: list[dict[str, Any]], timeout: float) -> Completion:
-        data = await post_json(
-            self._client, "ollama", self._url, {"model": model, "messages": messages, "stream": False},
-            timeout=timeout,
-        )
+    async def _complete(
+        self, model: str, messages: list[dict[str, Any]], timeout: float, *, num_predict: int | None = None
+    ) -> Completion:
+        body: dict[str, Any] = {"model": model, "messages": messages, "stream": False}
+        if num_predict is not None:
+            body["options"] = {"num_predict": num_predict}  # the turn's balance-aware cap
+        data = await post_json(self._client, "ollama", self._url, body, timeout=timeout)
         message = data.get("message")
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
             raise AIError(grpc.StatusCode.UNAVAILABLE, "ollama answered without message.content")

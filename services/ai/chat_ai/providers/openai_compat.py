@@ -41,7 +41,9 @@ class OpenAICompatProvider:
         self._image_max_bytes = image_max_bytes
 
     async def chat(self, call: ChatCall, timeout: float) -> Completion:
-        return await self._complete(call.model, await self._messages(call, timeout), timeout)
+        return await self._complete(
+            call.model, await self._messages(call, timeout), timeout, max_tokens=call.max_output_tokens
+        )
 
     async def _messages(self, call: ChatCall, timeout: float) -> list[dict[str, Any]]:
         messages: list[dict[str, Any]] = []
@@ -55,7 +57,11 @@ class OpenAICompatProvider:
         """The API's streaming mode (server-sent events), asking for the usage report that comes
         in a last chunk without choices."""
         messages = await self._messages(call, timeout)
-        body = {"model": call.model, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
+        body: dict[str, Any] = {
+            "model": call.model, "messages": messages, "stream": True, "stream_options": {"include_usage": True},
+        }
+        if call.max_output_tokens is not None:
+            body["max_tokens"] = call.max_output_tokens
         lines = post_lines(self._client, "openai", self._url, body, timeout=timeout, headers=self._headers())
         try:
             async for line in lines:
@@ -98,12 +104,14 @@ class OpenAICompatProvider:
             parts.append({"type": "image_url", "image_url": {"url": data_url}})
         return {"role": "user", "content": parts}
 
-    async def _complete(self, model: str, messages: list[dict[str, Any]], timeout: float) -> Completion:
+    async def _complete(
+        self, model: str, messages: list[dict[str, Any]], timeout: float, *, max_tokens: int | None = None
+    ) -> Completion:
         headers = self._headers()
-        data = await post_json(
-            self._client, "openai", self._url, {"model": model, "messages": messages},
-            timeout=timeout, headers=headers,
-        )
+        body: dict[str, Any] = {"model": model, "messages": messages}
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens  # the turn's balance-aware cap (ChatCall.max_output_tokens)
+        data = await post_json(self._client, "openai", self._url, body, timeout=timeout, headers=headers)
         try:
             message = data["choices"][0]["message"]
         except (KeyError, IndexError, TypeError):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$chat_common/aiproto/ai_service.proto\x12\nai_service\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcc\x02\n\x07Request\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x14\n\x0c\x63hat_message\x18\x03 \x01(\t\x12\x12\n\nmodel_name\x18\x04 \x01(\t\x12\x16\n\x0esession_prompt\x18\x05 \x01(\t\x12\x11\n\tfile_name\x18\x06 \x03(\t\x12\x14\n\x0c\x63hat_summary\x18\x07 \x01(\t\x12\x14\n\x0c\x63hat_history\x18\x08 \x01(\t\x12\x0f\n\x07\x62\x61lance\x18\t \x01(\x02\x12-\n\ttimestamp\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0emodel_provider\x18\x0b \x01(\t\x12 \n\x18input_price_nanos_per_1k\x18\x64 \x01(\x03\x12!\n\x19output_price_nanos_per_1k\x18\x65 \x01(\x03\"\x9f\x01\n\x08Response\x12\x15\n\rresponse_text\x18\x01 \x01(\t\x12\x0c\n\x04\x63ost\x18\x02 \x01(\x02\x12-\n\ttimestamp\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cinput_tokens\x18\x64 \x01(\x03\x12\x15\n\routput_tokens\x18\x65 \x01(\x03\x12\x12\n\ncost_nanos\x18\x66 \x01(\x03\"\x85\x02\n\x0eSummaryRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x16\n\x0emodel_provider\x18\x04 \x01(\t\x12\x18\n\x10previous_summary\x18\x05 \x01(\t\x12\x14\n\x0c\x63hat_entries\x18\x06 \x01(\t\x12-\n\ttimestamp\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12 \n\x18input_price_nanos_per_1k\x18\x08 \x01(\x03\x12!\n\x19output_price_nanos_per_1k\x18\t \x01(\x03\"\xa8\x01\n\x0bStreamChunk\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\x12\x0c\n\x04\x63ost\x18\x03 \x01(\x02\x12-\n\ttimestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cinput_tokens\x18\x64 \x01(\x03\x12\x15\n\routput_tokens\x18\x65 \x01(\x03\x12\x12\n\ncost_nanos\x18\x66 \x01(\x03\x32\xc1\x01\n\tAIService\x12\x34\n\x07Process\x12\x13.ai_service.Request\x1a\x14.ai_service.Response\x12=\n\tSummarize\x12\x1a.ai_service.SummaryRequest\x1a\x14.ai_service.Response\x12?\n\rProcessStream\x12\x13.ai_service.Request\x1a\x17.ai_service.StreamChunk0\x01\x42\x0eZ\x0c./ai_serviceb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$chat_common/aiproto/ai_service.proto\x12\nai_service\x1a\x1fgoogle/protobuf/timestamp.proto\"\x82\x03\n\x07Request\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x14\n\x0c\x63hat_message\x18\x03 \x01(\t\x12\x12\n\nmodel_name\x18\x04 \x01(\t\x12\x16\n\x0esession_prompt\x18\x05 \x01(\t\x12\x11\n\tfile_name\x18\x06 \x03(\t\x12\x14\n\x0c\x63hat_summary\x18\x07 \x01(\t\x12\x14\n\x0c\x63hat_history\x18\x08 \x01(\t\x12\x0f\n\x07\x62\x61lance\x18\t \x01(\x02\x12-\n\ttimestamp\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0emodel_provider\x18\x0b \x01(\t\x12 \n\x18input_price_nanos_per_1k\x18\x64 \x01(\x03\x12!\n\x19output_price_nanos_per_1k\x18\x65 \x01(\x03\x12\x1e\n\x11max_output_tokens\x18\x66 \x01(\x05H\x00\x88\x01\x01\x42\x14\n\x12_max_output_tokens\"\x9f\x01\n\x08Response\x12\x15\n\rresponse_text\x18\x01 \x01(\t\x12\x0c\n\x04\x63ost\x18\x02 \x01(\x02\x12-\n\ttimestamp\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cinput_tokens\x18\x64 \x01(\x03\x12\x15\n\routput_tokens\x18\x65 \x01(\x03\x12\x12\n\ncost_nanos\x18\x66 \x01(\x03\"\x85\x02\n\x0eSummaryRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x16\n\x0emodel_provider\x18\x04 \x01(\t\x12\x18\n\x10previous_summary\x18\x05 \x01(\t\x12\x14\n\x0c\x63hat_entries\x18\x06 \x01(\t\x12-\n\ttimestamp\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12 \n\x18input_price_nanos_per_1k\x18\x08 \x01(\x03\x12!\n\x19output_price_nanos_per_1k\x18\t \x01(\x03\"\xa8\x01\n\x0bStreamChunk\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\x12\x0c\n\x04\x63ost\x18\x03 \x01(\x02\x12-\n\ttimestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cinput_tokens\x18\x64 \x01(\x03\x12\x15\n\routput_tokens\x18\x65 \x01(\x03\x12\x12\n\ncost_nanos\x18\x66 \x01(\x03\x32\xc1\x01\n\tAIService\x12\x34\n\x07Process\x12\x13.ai_service.Request\x1a\x14.ai_service.Response\x12=\n\tSummarize\x12\x1a.ai_service.SummaryRequest\x1a\x14.ai_service.Response\x12?\n\rProcessStream\x12\x13.ai_service.Request\x1a\x17.ai_service.StreamChunk0\x01\x42\x0eZ\x0c./ai_serviceb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z\014./ai_service'
   _globals['_REQUEST']._serialized_start=86
-  _globals['_REQUEST']._serialized_end=418
-  _globals['_RESPONSE']._serialized_start=421
-  _globals['_RESPONSE']._serialized_end=580
-  _globals['_SUMMARYREQUEST']._serialized_start=583
-  _globals['_SUMMARYREQUEST']._serialized_end=844
-  _globals['_STREAMCHUNK']._serialized_start=847
-  _globals['_STREAMCHUNK']._serialized_end=1015
-  _globals['_AISERVICE']._serialized_start=1018
-  _globals['_AISERVICE']._serialized_end=1211
+  _globals['_REQUEST']._serialized_end=472
+  _globals['_RESPONSE']._serialized_start=475
+  _globals['_RESPONSE']._serialized_end=634
+  _globals['_SUMMARYREQUEST']._serialized_start=637
+  _globals['_SUMMARYREQUEST']._serialized_end=898
+  _globals['_STREAMCHUNK']._serialized_start=901
+  _globals['_STREAMCHUNK']._serialized_end=1069
+  _globals['_AISERVICE']._serialized_start=1072
+  _globals['_AISERVICE']._serialized_end=1265
 # @@protoc_insertion_point(module_scope)

@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Request(_message.Message):
-    __slots__ = ("user_id", "session_id", "chat_message", "model_name", "session_prompt", "file_name", "chat_summary", "chat_history", "balance", "timestamp", "model_provider", "input_price_nanos_per_1k", "output_price_nanos_per_1k")
+    __slots__ = ("user_id", "session_id", "chat_message", "model_name", "session_prompt", "file_name", "chat_summary", "chat_history", "balance", "timestamp", "model_provider", "input_price_nanos_per_1k", "output_price_nanos_per_1k", "max_output_tokens")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CHAT_MESSAGE_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class Request(_message.Message):
     MODEL_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     INPUT_PRICE_NANOS_PER_1K_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_PRICE_NANOS_PER_1K_FIELD_NUMBER: _ClassVar[int]
+    MAX_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     session_id: str
     chat_message: str
@@ -37,7 +38,8 @@ class Request(_message.Message):
     model_provider: str
     input_price_nanos_per_1k: int
     output_price_nanos_per_1k: int
-    def __init__(self, user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., chat_message: _Optional[str] = ..., model_name: _Optional[str] = ..., session_prompt: _Optional[str] = ..., file_name: _Optional[_Iterable[str]] = ..., chat_summary: _Optional[str] = ..., chat_history: _Optional[str] = ..., balance: _Optional[float] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_provider: _Optional[str] = ..., input_price_nanos_per_1k: _Optional[int] = ..., output_price_nanos_per_1k: _Optional[int] = ...) -> None: ...
+    max_output_tokens: int
+    def __init__(self, user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., chat_message: _Optional[str] = ..., model_name: _Optional[str] = ..., session_prompt: _Optional[str] = ..., file_name: _Optional[_Iterable[str]] = ..., chat_summary: _Optional[str] = ..., chat_history: _Optional[str] = ..., balance: _Optional[float] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_provider: _Optional[str] = ..., input_price_nanos_per_1k: _Optional[int] = ..., output_price_nanos_per_1k: _Optional[int] = ..., max_output_tokens: _Optional[int] = ...) -> None: ...
 
 class Response(_message.Message):
     __slots__ = ("response_text", "cost", "timestamp", "input_tokens", "output_tokens", "cost_nanos")
