@@ -14,6 +14,7 @@ from chat_billing.charges.controllers import ChargeController
 from chat_billing.charges.services import ChargeService
 from chat_billing.catalog.controllers import CatalogController
 from chat_billing.catalog.services import CatalogService
+from chat_billing.balance_aware.controllers import balance_aware_router
 from chat_billing.limits.controllers import LimitController
 from chat_billing.limits.services import LimitService
 from chat_billing.pg import Pg
@@ -87,4 +88,5 @@ def create_app(settings: BillingSettings | None = None) -> Litestar:
     )
     app.state.settings = settings
     app.state.pg = pg
+    app.register(balance_aware_router)  # balance-aware turns' switch (migration 0006)
     return app

@@ -8,6 +8,7 @@ from the environment and prints each reply as JSON.
     chat-admin set-limits --user-id UUID --clear
     chat-admin limits --user-id UUID [--session-id S]
     chat-admin usage --user-id UUID [--session-id S] [--since ISO] [--until ISO] [--by day|session|model]
+    chat-admin balance-aware --user-id UUID [on|off|default]   (or --model-id ID [on|off])
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Any
 
 import msgspec
 
+from chat_billing.balance_aware import cli as balance_aware_cli
 from chat_common.client import ServiceClient
 from chat_common.errors import AppError, BadRequestError
 from chat_common.settings import env_str, service_url
@@ -131,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     set_model.add_argument("--input-price", type=_dollars, required=True, help="dollars per 1K input tokens")
     set_model.add_argument("--output-price", type=_dollars, required=True, help="dollars per 1K output tokens")
     set_model.add_argument("--inactive", action="store_true", help="keep it out of users' model lists")
+    balance_aware_cli.add_parser(commands, _user_id)
     return parser
 
 
@@ -144,6 +147,8 @@ async def run(args: argparse.Namespace, client: ServiceClient) -> Any:
         )
 
     command = args.command
+    if command == balance_aware_cli.COMMAND:
+        return await balance_aware_cli.run(args, client, send)
     if command == "create-user":
         body: dict[str, Any] = {
             "username": args.username,

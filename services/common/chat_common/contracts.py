@@ -40,6 +40,10 @@ class ReserveRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     model_name: str | None = None
     ttl_seconds: int | None = None
     session_id: str | None = None
+    # balance-aware turns (docs/limits-and-usage.md): the fewest output tokens worth a turn; where
+    # the user or model is balance-aware, a reserve the balance or a limit refuses is made smaller,
+    # down to this many output tokens. None: never made smaller.
+    min_output_tokens: int | None = None
 
 
 class Reservation(msgspec.Struct, kw_only=True):
@@ -53,6 +57,9 @@ class Reservation(msgspec.Struct, kw_only=True):
     cost_nanos: int | None = None
     charged_nanos: int = 0
     shortfall_nanos: int = 0
+    # set when the hold was made smaller than asked (balance-aware): ask the AI for at most this
+    # many output tokens; the settle takes no more than ``amount_nanos``
+    max_output_tokens: int | None = None
 
 
 class ReceiptDetails(msgspec.Struct, kw_only=True, omit_defaults=True):

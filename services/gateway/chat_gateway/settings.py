@@ -34,6 +34,9 @@ class GatewaySettings:
     max_chat_history_context: int
     max_file_size_bytes: int
     reserve_output_tokens: int
+    # balance-aware turns (billing's per-user/per-model switch): the fewest output tokens a
+    # turn may be cut down to when the balance or a limit leaves less than the usual reservation
+    balance_aware_min_output_tokens: int
     # how long a turn waits for its session's lock
     turn_lock_seconds: float
     # the lock's lease: renewed while its turn runs, so a dead gateway's lock is gone this soon
@@ -105,6 +108,7 @@ class GatewaySettings:
             max_chat_history_context=env_int("MAX_CHAT_HISTORY_CONTEXT", 10),
             max_file_size_bytes=env_int("MAX_FILE_SIZE", 10) * 1024 * 1024,
             reserve_output_tokens=env_int("RESERVE_OUTPUT_TOKENS", 1024),
+            balance_aware_min_output_tokens=max(1, env_int("BALANCE_AWARE_MIN_OUTPUT_TOKENS", 64)),
             turn_lock_seconds=env_float("TURN_LOCK_SECONDS", 180.0),
             turn_lock_lease_seconds=env_float("TURN_LOCK_LEASE_SECONDS", 10.0),
             reservation_lease_seconds=env_float("RESERVATION_LEASE_SECONDS", 30.0),

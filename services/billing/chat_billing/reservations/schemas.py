@@ -29,6 +29,9 @@ class ReserveRequest(msgspec.Struct, forbid_unknown_fields=True):
     ttl_seconds: TtlSeconds | None = None
     turn_id: TurnId | None = None
     session_id: SessionId | None = None
+    # balance-aware turns (migration 0006): made smaller, down to this many output tokens, when
+    # the balance or a limit refuses the hold asked for and the user or model is balance-aware
+    min_output_tokens: Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)] | None = None
 
 
 Count = Annotated[int, msgspec.Meta(ge=0, le=2**62)]

@@ -52,8 +52,12 @@ EXPIRE_BATCH = 1000
 # Reservations released per statement (one transaction) by the sweep.
 EXPIRE_CHUNK = 100
 
-RESERVE = "SELECT * FROM billing_reserve($1, $2, $3, $4, $5, $6, $7, $8, $9)"
-SETTLE = "SELECT * FROM billing_settle($1, $2, $3, $4, $5, $6::jsonb, $7::jsonb)"
+# billing_reserve, made smaller for a balance-aware turn, and billing_settle within that (migration 0006)
+RESERVE = (
+    "SELECT (f.o_view).*, f.o_max_output_tokens AS max_output_tokens"
+    " FROM billing_reserve_aware($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) f"
+)
+SETTLE = "SELECT * FROM billing_settle_within($1, $2, $3, $4, $5, $6::jsonb, $7::jsonb)"
 RELEASE = "SELECT * FROM billing_release($1, $2, $3)"
 LEASE = "SELECT * FROM billing_lease($1, $2, $3)"
 EXPIRE = "SELECT billing_expire($1)"
@@ -107,9 +111,10 @@ def reserve_reply(row: Any, request: ReserveRequest) -> ReservationReply:
     outcome = row["outcome"]
     if outcome == "reserved":
         LEDGER_OPERATIONS.labels("reserve").inc()
-        return ReservationReply.of_row(row)
-    if outcome == "existing":
-        return ReservationReply.of_row(row)
+    if outcome in ("reserved", "existing"):
+        reply = ReservationReply.of_row(row)
+        reply.max_output_tokens = row["max_output_tokens"]
+        return reply
     if outcome == "insufficient_balance":
         raise InsufficientBalanceError(
             details={"balance_nanos": row["balance_nanos"], "required_nanos": row["amount_nanos"]}
@@ -162,7 +167,7 @@ class ReservationService:
         args = (
             request.user_id, request.model_id, request.model_name, request.input_tokens, request.output_tokens,
             request.turn_id, request.idempotency_key, request.ttl_seconds or self.default_ttl_seconds,
-            request.session_id,
+            request.session_id, request.min_output_tokens,
         )
         if request.turn_id is not None:
             # The turn id is the idempotency: one statement, no idempotency row.

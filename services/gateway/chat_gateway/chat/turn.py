@@ -333,6 +333,8 @@ class TurnRunner:
             model_id=None if request.model_name else request.model_id,
             ttl_seconds=int(self.settings.reservation_lease_seconds),
             session_id=turn.session_id,
+            # a balance-aware user or model: a smaller hold, down to this many output tokens
+            min_output_tokens=self.settings.balance_aware_min_output_tokens,
         )
         try:
             turn.reservation = await self.gw.billing.reserve(body)
@@ -454,6 +456,8 @@ class TurnRunner:
             input_price_nanos_per_1k=model.input_price_nanos_per_1k,
             output_price_nanos_per_1k=model.output_price_nanos_per_1k,
         )
+        if reservation.max_output_tokens is not None:  # a smaller hold (balance-aware): a shorter reply
+            ai_request.max_output_tokens = reservation.max_output_tokens
         if turn.sink is not None:
             # streamed: deltas go out as they come; sets reply_text, cost_nanos, finish_reason
             await turn.sink.generate(self, turn, ai_request)
