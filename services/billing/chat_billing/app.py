@@ -9,6 +9,7 @@ from litestar import Litestar
 from litestar.di import Provide
 
 from chat_billing.accounts.controllers import AccountController
+from chat_billing.admin import BillingAdmin, BillingAdminController
 from chat_billing.accounts.services import AccountService
 from chat_billing.charges.controllers import ChargeController
 from chat_billing.charges.services import ChargeService
@@ -70,7 +71,7 @@ def create_app(settings: BillingSettings | None = None) -> Litestar:
 
     app = Litestar(
         route_handlers=[UserController, AccountController, CatalogController, ReservationController, ChargeController,
-                        LimitController, UsageController],
+                        LimitController, UsageController, BillingAdminController],
         dependencies={
             "user_service": constant(users),
             "catalog": constant(catalog),
@@ -79,6 +80,7 @@ def create_app(settings: BillingSettings | None = None) -> Litestar:
             "charges": constant(charges),
             "limits": constant(limits),
             "usage": constant(usage),
+            "billing_admin": constant(BillingAdmin(pg)),
         },
         plugins=[plugin],
         lifespan=[lifespan],

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import uuid
+from pathlib import Path
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import msgspec
 
 from chat_billing.balance_aware import cli as balance_aware_cli
-from chat_common.client import ServiceClient
+from chat_common.client import SEND_ONCE, ServiceClient
 from chat_common.errors import AppError, BadRequestError
 from chat_common.settings import env_str, service_url
 
@@ -56,7 +58,11 @@ def _user_id(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chat-admin", description="Administer billing: users, money, models.")
-    parser.add_argument("--url", default=None, help="billing base URL (default: BILLING_URL or http://127.0.0.1:8003)")
+    parser.add_argument(
+        "--url", default=None,
+        help="base URL (default: BILLING_URL or http://127.0.0.1:8003; for export-user, import-user and "
+        "erase-user GATEWAY_URL or http://127.0.0.1:8000)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     create = commands.add_parser("create-user", help="create a user (again with the same --user-id: no change)")
@@ -124,6 +130,32 @@ def build_parser() -> argparse.ArgumentParser:
     limits = commands.add_parser("limits", help="a user's limits with what is spent and held in the current day and month")
     limits.add_argument("--user-id", type=_user_id, required=True)
     limits.add_argument("--session-id", help="also show what this session has spent and holds")
+
+    export = commands.add_parser(
+        "export-user", help="write one user's data to a file (JSON): user, sessions, files, ledger, receipts",
+        description="Through the gateway (GATEWAY_URL): the billing user (name, models, balance, limits), every "
+        "session with its prompt, summary and entries in order, every file's bytes (base64) and metadata, the "
+        "ledger and the receipts, in one JSON file with a format version. The file holds personal data: it is "
+        "written readable by its owner only.",
+    )
+    export.add_argument("--user-id", type=_user_id, required=True)
+    export.add_argument("--out", type=Path, required=True, help="the file to write (replaced if it exists)")
+
+    load = commands.add_parser(
+        "import-user", help="restore a user from an export-user file (refused if the user exists)",
+        description="Through the gateway (GATEWAY_URL). Types 0, 1, 2, 5 and 6 and file downloads then answer as "
+        "on the system exported from. A user id this system already has is refused (exit 1).",
+    )
+    load.add_argument("file", type=Path, help="a file written by export-user")
+
+    erase = commands.add_parser(
+        "erase-user", help="erase a user everywhere; the ledger stays under a pseudonymous id",
+        description="Through the gateway (GATEWAY_URL): removes the user's sessions, entries, summaries, receipts, "
+        "limits, spend, reservations, files (objects and metadata), cached context and name; the ledger rows are "
+        "kept under a pseudonymous id. Prints what was removed per store. Safe to repeat; a run cut short is "
+        "finished by the next.",
+    )
+    erase.add_argument("--user-id", type=_user_id, required=True)
 
     set_model = commands.add_parser("set-model", help="create or replace a catalogue entry")
     set_model.add_argument("--model-id", type=int, required=True)
@@ -218,6 +250,52 @@ async def run(args: argparse.Namespace, client: ServiceClient) -> Any:
     raise AssertionError(f"unhandled command {command}")  # argparse allows only the ones above
 
 
+GATEWAY_COMMANDS = ("export-user", "import-user", "erase-user")
+
+
+def _write_private(path: Path, payload: bytes) -> None:
+    """Whole or not at all: a temporary file beside it, then renamed over it."""
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(payload)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+async def run_gateway(args: argparse.Namespace, client: ServiceClient) -> Any:
+    if args.command == "export-user":
+        document = await client.get(f"/v1/admin/users/{args.user_id}/export")
+        payload = msgspec.json.encode(document)
+        _write_private(args.out, payload)
+        sessions = document.get("sessions") or []
+        billing = document.get("billing") or {}
+        return {
+            "user_id": document.get("user_id"),
+            "out": str(args.out),
+            "format": document.get("format"),
+            "version": document.get("version"),
+            "bytes": len(payload),
+            "sessions": len(sessions),
+            "entries": sum(len(s.get("entries") or []) for s in sessions),
+            "files": len(document.get("files") or []),
+            "ledger": len(billing.get("ledger") or []),
+            "receipts": len(billing.get("receipts") or []),
+        }
+    if args.command == "import-user":
+        payload = args.file.read_bytes()
+        return await client.request(
+            "POST", "/v1/admin/users/import", content=payload, headers={"content-type": "application/json"},
+            retry=SEND_ONCE,  # a repeat after a lost reply would read "user already exists"
+        )
+    return await client.request("POST", f"/v1/admin/users/{args.user_id}/erase")
+
+
 def _print_json(value: Any, stream: Any) -> None:
     stream.write(msgspec.json.format(msgspec.json.encode(value), indent=2).decode() + "\n")
 
@@ -233,12 +311,20 @@ def main(argv: list[str] | None = None) -> int:
     if not token:
         _print_error({"error": {"code": "unauthorized", "message": "SERVICE_TOKEN is not set"}})
         return 2
-    base_url = args.url or service_url("billing", 8003)
+    on_gateway = args.command in GATEWAY_COMMANDS
+    if on_gateway:
+        base_url = args.url or env_str("GATEWAY_URL", "http://127.0.0.1:8000").rstrip("/")
+    else:
+        base_url = args.url or service_url("billing", 8003)
 
     async def call() -> Any:
-        client = ServiceClient("billing", base_url, token)
+        if on_gateway:
+            # an export or erase of a long history takes a while; none of these is retried blindly
+            client = ServiceClient("gateway", base_url, token, timeout=600.0)
+        else:
+            client = ServiceClient("billing", base_url, token)
         try:
-            return await run(args, client)
+            return await (run_gateway(args, client) if on_gateway else run(args, client))
         finally:
             await client.aclose()
 
@@ -246,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
         reply = asyncio.run(call())
     except AppError as error:
         _print_error(error.to_body())
+        return 1
+    except OSError as error:  # the export or import file
+        _print_error({"error": {"code": "file_error", "message": f"{error.strerror or error}: {error.filename}"}})
         return 1
     _print_json(reply, sys.stdout)
     return 0

@@ -9,7 +9,8 @@ services forbid them.
 """
 from __future__ import annotations
 
-from typing import Literal
+from datetime import date, datetime
+from typing import Any, Literal
 
 import msgspec
 
@@ -320,3 +321,214 @@ class FileUse(msgspec.Struct, kw_only=True):
     user_id: str
     session_id: str
     turn_id: str
+
+
+# -- per-user administration: export, import, erase (chat-admin export-user / import-user /
+# erase-user; the gateway owns the cross-service work, each service its own rows) -------------
+
+EXPORT_FORMAT = "chat-backend-user-export"
+EXPORT_VERSION = 1
+
+
+class Removed(msgspec.Struct, kw_only=True):
+    """What one service's erase removed: rows per ``schema.table``, and objects (files)."""
+
+    removed: dict[str, int] = {}
+    objects: int = 0
+    pseudonymized: dict[str, int] = {}
+
+
+class ExportedEntry(msgspec.Struct, kw_only=True):
+    seq: int
+    role: str
+    content: str
+    turn_id: str
+    created_at: datetime
+
+
+class ExportedTurn(msgspec.Struct, kw_only=True):
+    turn_id: str
+    first_seq: int
+    count: int
+    created_at: datetime
+
+
+class ExportedSession(msgspec.Struct, kw_only=True):
+    session_id: str
+    session_name: str
+    model_name: str
+    prompt: str
+    summary: str
+    summarized_upto: int
+    summary_turn_id: str | None = None
+    entry_count: int
+    idempotency_key: str | None = None
+    created_at: datetime
+    updated_at: datetime
+    entries: list[ExportedEntry] = []
+    turns: list[ExportedTurn] = []
+
+
+class SessionsExport(msgspec.Struct, kw_only=True):
+    """``GET /v1/admin/users/{id}/export`` of the sessions service; ``POST .../import`` takes
+    the same shape (the user id of the path owns every session)."""
+
+    sessions: list[ExportedSession] = []
+
+
+class SessionKeys(msgspec.Struct, kw_only=True):
+    """``GET /v1/admin/users/{id}/keys``: the ids that name the user's data elsewhere (Redis)."""
+
+    session_ids: list[str] = []
+    turn_ids: list[str] = []
+
+
+class ImportedCount(msgspec.Struct, kw_only=True):
+    imported: dict[str, int] = {}
+
+
+class ErasureStep(msgspec.Struct, kw_only=True):
+    """One step of an erase done: what it removed (kept in the progress record)."""
+
+    step: str
+    removed: Removed
+
+
+class Erasure(msgspec.Struct, kw_only=True):
+    """The durable progress record of an erase, keyed by ``subject`` (an HMAC of the user id
+    with the gateway's secret: the record itself never names the user)."""
+
+    subject: str
+    started_at: datetime
+    finished_at: datetime | None = None
+    runs: int = 1
+    steps: dict[str, Removed] = {}
+
+
+class ExportedFile(msgspec.Struct, kw_only=True):
+    file_name: str
+    session_id: str | None = None
+    original_name: str
+    content_type: str
+    size: int
+    sha256: str
+    status: str
+    turn_id: str | None = None
+    created_at: datetime
+    attached_at: datetime | None = None
+    used_at: datetime | None = None
+    # the bytes, base64 (standard alphabet, padded)
+    content_base64: str = ""
+
+
+class FilesExport(msgspec.Struct, kw_only=True):
+    files: list[ExportedFile] = []
+
+
+class ExportedLedgerRow(msgspec.Struct, kw_only=True):
+    kind: str
+    amount_nanos: int
+    balance_after_nanos: int
+    model_id: int | None = None
+    turn_id: str | None = None
+    reservation_id: str | None = None
+    idempotency_key: str | None = None
+    reason: str | None = None
+    charged_nanos: int | None = None
+    shortfall_nanos: int = 0
+    details: dict[str, Any] | None = None
+    charge_key: str | None = None
+    created_at: datetime
+
+
+class ExportedReceipt(msgspec.Struct, kw_only=True):
+    key: str
+    kind: str
+    turn_id: str
+    session_id: str | None = None
+    model_id: int | None = None
+    model_name: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    first_seq: int | None = None
+    last_seq: int | None = None
+    summarized_upto: int | None = None
+    prompt_sha256: str | None = None
+    cost_nanos: int
+    charged_nanos: int
+    shortfall_nanos: int = 0
+    reservation_id: str | None = None
+    created_at: datetime
+
+
+class ExportedLimits(msgspec.Struct, kw_only=True):
+    daily_nanos: int | None = None
+    monthly_nanos: int | None = None
+    per_session_nanos: int | None = None
+    updated_at: datetime
+
+
+class ExportedSpend(msgspec.Struct, kw_only=True):
+    """A running spend sum: per UTC day (``day``) or per session (``session_id``)."""
+
+    spent_nanos: int
+    day: date | None = None
+    session_id: str | None = None
+
+
+class ExportedUser(msgspec.Struct, kw_only=True):
+    user_id: str
+    username: str
+    balance_nanos: int
+    models: list[int] = []
+    created_at: datetime
+
+
+class BillingExport(msgspec.Struct, kw_only=True):
+    """``GET /v1/admin/users/{id}/export`` of billing; ``POST /v1/admin/users/import`` takes it."""
+
+    user: ExportedUser
+    ledger: list[ExportedLedgerRow] = []
+    receipts: list[ExportedReceipt] = []
+    limits: ExportedLimits | None = None
+    daily_spend: list[ExportedSpend] = []
+    session_spend: list[ExportedSpend] = []
+
+
+class BillingErase(msgspec.Struct, kw_only=True):
+    """``POST /v1/admin/users/{id}/erase`` of billing: the ledger rows move to ``pseudonym``."""
+
+    pseudonym: str
+
+
+class UserExport(msgspec.Struct, kw_only=True):
+    """The whole file ``chat-admin export-user`` writes and ``import-user`` reads."""
+
+    format: str = EXPORT_FORMAT
+    version: int = EXPORT_VERSION
+    exported_at: datetime
+    user_id: str
+    billing: BillingExport
+    sessions: list[ExportedSession] = []
+    files: list[ExportedFile] = []
+
+
+class EraseReport(msgspec.Struct, kw_only=True):
+    """What ``POST /v1/admin/users/{id}/erase`` of the gateway did in this run, per store."""
+
+    user_id: str
+    pseudonym: str
+    # a run before this one stopped midway (``resumed``) or had finished (``finished_before``);
+    # ``steps_before``: the steps it had recorded as done (every step runs again regardless)
+    resumed: bool
+    finished_before: bool
+    steps_before: list[str] = []
+    postgres: dict[str, int]
+    pseudonymized: dict[str, int]
+    redis_keys: int
+    objects: int
+
+
+class ImportReport(msgspec.Struct, kw_only=True):
+    user_id: str
+    imported: dict[str, int]

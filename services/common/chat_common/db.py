@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Any
 from importlib import resources
 from urllib.parse import urlsplit, urlunsplit
 
@@ -80,3 +81,25 @@ async def apply_migrations(url: str, schema: str, package: str) -> list[str]:
 async def ping(engine: AsyncEngine) -> None:
     async with engine.connect() as connection:
         await connection.exec_driver_sql("SELECT 1")
+
+
+COLUMNS_OF_SCHEMA = """
+SELECT c.table_name, array_agg(c.column_name::text ORDER BY c.ordinal_position)
+  FROM information_schema.columns c
+  JOIN information_schema.tables t ON t.table_schema = c.table_schema AND t.table_name = c.table_name
+ WHERE c.table_schema = $1 AND t.table_type = 'BASE TABLE'
+ GROUP BY c.table_name
+ ORDER BY c.table_name
+"""
+
+
+async def tables_with_columns(connection: Any, schema: str) -> dict[str, set[str]]:
+    """Every base table of ``schema`` (asyncpg connection) with its column names: how a
+    service's erase finds each table that names a user or a session, including tables added
+    after the erase was written."""
+    rows = await connection.fetch(COLUMNS_OF_SCHEMA, check_schema_name(schema))
+    return {row[0]: set(row[1]) for row in rows}
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'

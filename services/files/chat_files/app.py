@@ -12,6 +12,7 @@ from litestar.di import Provide
 from chat_common.app import ServicePlugin
 from chat_common.db import make_engine, ping
 from chat_common.errors import register_unavailable
+from chat_files.files.admin import FilesAdmin, FilesAdminController
 from chat_files.files.controllers import FilesController
 from chat_files.files.services import FilesService
 from chat_files.files.storage import ObjectStorage, StorageError
@@ -39,6 +40,7 @@ def create_app(settings: FilesSettings | None = None) -> Litestar:
     engine = make_engine(settings.database_url, settings.db_schema)
     storage = ObjectStorage(settings)
     service = FilesService(engine, storage, settings)
+    admin = FilesAdmin(service)
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
@@ -66,8 +68,11 @@ def create_app(settings: FilesSettings | None = None) -> Litestar:
         readiness_checks={"database": lambda: ping(engine), "bucket": storage.ping},
     )
     app = Litestar(
-        route_handlers=[FilesController],
-        dependencies={"files": Provide(lambda: service, sync_to_thread=False)},
+        route_handlers=[FilesController, FilesAdminController],
+        dependencies={
+            "files": Provide(lambda: service, sync_to_thread=False),
+            "files_admin": Provide(lambda: admin, sync_to_thread=False),
+        },
         plugins=[plugin],
         lifespan=[lifespan],
         debug=False,

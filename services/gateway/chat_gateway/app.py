@@ -9,6 +9,7 @@ from litestar import Litestar
 from litestar.config.cors import CORSConfig
 
 from chat_common.app import ServicePlugin, parse_networks
+from chat_gateway.admin import AdminController
 from chat_gateway.auth import check_configuration
 from chat_gateway.chat.retention import RetentionSweeper
 from chat_gateway.chat.periodic import every
@@ -95,7 +96,7 @@ def create_app(settings: GatewaySettings | None = None) -> Litestar:
             max_age=600,
         )
     app = Litestar(
-        route_handlers=[*websocket_routes, *upload_routes],
+        route_handlers=[*websocket_routes, *upload_routes, AdminController],
         plugins=[plugin],
         lifespan=[lifespan],
         cors_config=cors,

@@ -13,6 +13,7 @@ from urllib.parse import quote
 
 from chat_common import contracts as c
 from chat_common.client import IDEMPOTENT, SEND_ONCE, RetryPolicy, ServiceClient
+from chat_common.errors import NotFoundError
 
 T = TypeVar("T")
 
@@ -87,6 +88,21 @@ class BillingClient(_Typed):
 
     async def balance(self, user_id: str) -> c.Balance:
         return await self._call("GET", f"/v1/users/{_path_part(user_id)}/balance", c.Balance)
+
+    # -- per-user administration (the gateway's /v1/admin/users/...) ---------------------------
+
+    async def export_user(self, user_id: str) -> c.BillingExport:
+        return await self._call("GET", f"/v1/admin/users/{_path_part(user_id)}/export", c.BillingExport)
+
+    async def import_user(self, data: c.BillingExport) -> c.ImportedCount:
+        # sent once: a lost reply is found out by reading the user (the import is one transaction)
+        return await self._call("POST", "/v1/admin/users/import", c.ImportedCount, body=data, retry=SEND_ONCE)
+
+    async def erase_user(self, user_id: str, pseudonym: str) -> c.Removed:
+        return await self._call(
+            "POST", f"/v1/admin/users/{_path_part(user_id)}/erase", c.Removed, body=c.BillingErase(pseudonym=pseudonym)
+        )
+
 
 
 class SessionsClient(_Typed):
@@ -164,6 +180,40 @@ class SessionsClient(_Typed):
     async def acknowledge(self, outbox_ids: list[int]) -> None:
         await self.http.request("POST", "/v1/outbox/ack", json=c.OutboxAck(outbox_ids=outbox_ids), retry=IDEMPOTENT)
 
+    # -- per-user administration ------------------------------------------------------------------
+
+    async def export_user(self, user_id: str) -> c.SessionsExport:
+        return await self._call("GET", f"/v1/admin/users/{_path_part(user_id)}/export", c.SessionsExport)
+
+    async def user_keys(self, user_id: str) -> c.SessionKeys:
+        return await self._call("GET", f"/v1/admin/users/{_path_part(user_id)}/keys", c.SessionKeys)
+
+    async def import_user(self, user_id: str, data: c.SessionsExport) -> c.ImportedCount:
+        # idempotent: what an earlier attempt stored is kept
+        return await self._call("POST", f"/v1/admin/users/{_path_part(user_id)}/import", c.ImportedCount, body=data)
+
+    async def erase_user(self, user_id: str) -> c.Removed:
+        return await self._call("POST", f"/v1/admin/users/{_path_part(user_id)}/erase", c.Removed)
+
+    async def erasure(self, subject: str) -> c.Erasure | None:
+        try:
+            return await self._call("GET", f"/v1/admin/erasures/{_path_part(subject)}", c.Erasure)
+        except NotFoundError:
+            return None
+
+    async def erasure_start(self, subject: str) -> c.Erasure:
+        return await self._call("PUT", f"/v1/admin/erasures/{_path_part(subject)}", c.Erasure)
+
+    async def erasure_step(self, subject: str, step: str, removed: c.Removed) -> c.Erasure:
+        return await self._call(
+            "POST", f"/v1/admin/erasures/{_path_part(subject)}/steps", c.Erasure,
+            body=c.ErasureStep(step=step, removed=removed),
+        )
+
+    async def erasure_finish(self, subject: str) -> c.Erasure:
+        return await self._call("POST", f"/v1/admin/erasures/{_path_part(subject)}/finish", c.Erasure)
+
+
 
 class FilesClient(_Typed):
     async def record(self, file_name: str, user_id: str) -> c.FileRecord:
@@ -187,3 +237,14 @@ class FilesClient(_Typed):
             "DELETE", f"/v1/sessions/{_path_part(session_id)}/files", params={"user_id": user_id}, retry=IDEMPOTENT
         )
 
+    # -- per-user administration ------------------------------------------------------------------
+
+    async def export_user(self, user_id: str) -> c.FilesExport:
+        return await self._call("GET", f"/v1/admin/users/{_path_part(user_id)}/files/export", c.FilesExport)
+
+    async def import_files(self, user_id: str, data: c.FilesExport) -> c.ImportedCount:
+        # idempotent: a file an earlier attempt stored is kept
+        return await self._call("POST", f"/v1/admin/users/{_path_part(user_id)}/files/import", c.ImportedCount, body=data)
+
+    async def erase_user(self, user_id: str) -> c.Removed:
+        return await self._call("POST", f"/v1/admin/users/{_path_part(user_id)}/files/erase", c.Removed)

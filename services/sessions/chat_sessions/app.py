@@ -8,6 +8,7 @@ from litestar.di import Provide
 
 from chat_common.app import ServicePlugin
 from chat_common.db import plain_dsn
+from chat_sessions.sessions.admin import SessionsAdmin, SessionsAdminController
 from chat_sessions.sessions.controllers import (
     OutboxController,
     RetentionController,
@@ -21,6 +22,7 @@ from chat_sessions.settings import SessionsSettings
 def create_app(settings: SessionsSettings | None = None) -> Litestar:
     settings = settings or SessionsSettings.from_env()
     service = SessionsService(plain_dsn(settings.database_url), settings.db_schema)
+    admin = SessionsAdmin(service)
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
@@ -36,8 +38,11 @@ def create_app(settings: SessionsSettings | None = None) -> Litestar:
         readiness_checks={"database": service.ping},
     )
     app = Litestar(
-        route_handlers=[SessionsController, SearchController, OutboxController, RetentionController],
-        dependencies={"sessions": Provide(lambda: service, sync_to_thread=False)},
+        route_handlers=[SessionsController, SearchController, OutboxController, RetentionController, SessionsAdminController],
+        dependencies={
+            "sessions": Provide(lambda: service, sync_to_thread=False),
+            "admin": Provide(lambda: admin, sync_to_thread=False),
+        },
         plugins=[plugin],
         lifespan=[lifespan],
         debug=False,

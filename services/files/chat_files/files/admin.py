@@ -1,0 +1,138 @@
+"""Per-user administration of the files service: export (metadata and bytes), import and erase
+of every file one user owns. The gateway runs these for ``chat-admin export-user``,
+``import-user`` and ``erase-user``."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import re
+import uuid
+
+from litestar import Controller, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody
+from minio.deleteobjects import DeleteObject
+from sqlalchemy import delete, insert, select
+
+from chat_common import contracts as c
+from chat_common.errors import BadRequestError, ConflictError, ServiceUnavailableError
+from chat_files.files.models import files
+from chat_files.files.services import FILE_NAME_PATTERN, FilesService
+from chat_files.files.storage import ObjectStorage
+
+_FILE_NAME = re.compile(FILE_NAME_PATTERN)
+# One file per import call, base64 in JSON: a third more than the largest file allowed, and room.
+MAX_IMPORT_BYTES = 256 * 1024 * 1024
+
+
+def _user(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise BadRequestError("user_id must be a UUID") from None
+
+
+class FilesAdmin:
+    def __init__(self, service: FilesService) -> None:
+        self.service = service
+        self.storage: ObjectStorage = service.storage
+
+    async def export(self, user_id: uuid.UUID) -> c.FilesExport:
+        async with self.service.engine.connect() as conn:
+            rows = (
+                await conn.execute(select(files).where(files.c.user_id == user_id).order_by(files.c.created_at, files.c.file_name))
+            ).all()
+        out: list[c.ExportedFile] = []
+        for row in rows:
+            chunks = await self.storage.open(row.object_key)
+            data = b"".join([chunk async for chunk in chunks])
+            out.append(
+                c.ExportedFile(
+                    file_name=row.file_name, session_id=None if row.session_id is None else str(row.session_id),
+                    original_name=row.original_name, content_type=row.content_type, size=row.size, sha256=row.sha256,
+                    status=row.status, turn_id=row.turn_id, created_at=row.created_at, attached_at=row.attached_at,
+                    used_at=row.used_at, content_base64=base64.b64encode(data).decode(),
+                )
+            )
+        return c.FilesExport(files=out)
+
+    async def import_(self, user_id: uuid.UUID, data: c.FilesExport) -> c.ImportedCount:
+        """Each file: its object under the key this service makes from the name, then its row
+        (as an upload does). A file already stored for this user is kept (an import cut short
+        may be sent again); a name of another user's file is refused (409)."""
+        imported = 0
+        for item in data.files:
+            if not _FILE_NAME.fullmatch(item.file_name):
+                raise BadRequestError("not a file name this service makes", details={"file_name": item.file_name})
+            try:
+                content = base64.b64decode(item.content_base64, validate=True)
+            except ValueError:
+                raise BadRequestError("content_base64 is not base64", details={"file_name": item.file_name}) from None
+            if len(content) != item.size or hashlib.sha256(content).hexdigest() != item.sha256:
+                raise BadRequestError("content does not match its size and sha256", details={"file_name": item.file_name})
+            async with self.service.engine.connect() as conn:
+                existing = (await conn.execute(select(files.c.user_id).where(files.c.file_name == item.file_name))).first()
+            if existing is not None:
+                if existing.user_id != user_id:
+                    raise ConflictError("a file name of the import belongs to another user", details={"file_name": item.file_name})
+                continue
+            key = ObjectStorage.key_for(item.file_name)
+            await self.storage._call(
+                self.storage.client.put_object, self.storage.bucket, key, io.BytesIO(content), len(content),
+                content_type=item.content_type,
+            )
+            async with self.service.engine.begin() as conn:
+                await conn.execute(
+                    insert(files).values(
+                        file_name=item.file_name, user_id=user_id,
+                        session_id=None if item.session_id is None else uuid.UUID(item.session_id),
+                        original_name=item.original_name, content_type=item.content_type, size=item.size,
+                        sha256=item.sha256, object_key=key, status=item.status, turn_id=item.turn_id,
+                        created_at=item.created_at, attached_at=item.attached_at, used_at=item.used_at,
+                    )
+                )
+            imported += 1
+        return c.ImportedCount(imported={"files": imported})
+
+    async def erase(self, user_id: uuid.UUID) -> c.Removed:
+        """Objects first, then rows: a run cut short in between leaves rows whose objects are
+        already gone, which the next run removes (never bytes nobody can find again)."""
+        async with self.service.engine.connect() as conn:
+            keys = list((await conn.execute(select(files.c.object_key).where(files.c.user_id == user_id))).scalars())
+        if keys:
+            def run() -> list[str]:
+                errors = self.storage.client.remove_objects(self.storage.bucket, [DeleteObject(k) for k in keys])
+                return [f"{e.name}: {e.code}" for e in errors if e.code not in ("NoSuchKey", "NoSuchObject")]
+
+            failed = await self.storage._call(run)
+            if failed:
+                raise ServiceUnavailableError(f"could not remove {len(failed)} objects: {failed[0]}")
+        async with self.service.engine.begin() as conn:
+            result = await conn.execute(delete(files).where(files.c.user_id == user_id))
+        schema = self.service.settings.db_schema
+        return c.Removed(removed={f"{schema}.files": result.rowcount or 0}, objects=len(keys))
+
+
+Admin = NamedDependency[FilesAdmin]
+
+
+class FilesAdminController(Controller):
+    """``/v1/admin/users/{id}/files``: every file of one user (service token required)."""
+
+    path = "/v1/admin/users"
+    tags = ["admin"]
+
+    @get("/{user_id:str}/files/export")
+    async def export_files(self, files_admin: Admin, user_id: FromPath[str]) -> c.FilesExport:
+        return await files_admin.export(_user(user_id))
+
+    @post("/{user_id:str}/files/import", status_code=200, request_max_body_size=MAX_IMPORT_BYTES)
+    async def import_files(
+        self, files_admin: Admin, user_id: FromPath[str], data: JSONBody[c.FilesExport]
+    ) -> c.ImportedCount:
+        return await files_admin.import_(_user(user_id), data)
+
+    @post("/{user_id:str}/files/erase", status_code=200)
+    async def erase_files(self, files_admin: Admin, user_id: FromPath[str]) -> c.Removed:
+        return await files_admin.erase(_user(user_id))
