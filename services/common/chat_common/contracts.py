@@ -169,8 +169,8 @@ class OwedCharge(msgspec.Struct, kw_only=True, omit_defaults=True):
     cost_nanos: int
     reservation_id: str | None = None
     model_name: str | None = None
-    # for the receipt; the sessions outbox does not keep it (yet): a charge replayed from there
-    # gets a receipt of the money, session and model only
+    # for the receipt; the sessions outbox keeps it with the charge (its migration 0007) and
+    # hands it back in the listing, so a charge replayed from there gets the same receipt
     receipt: ReceiptDetails | None = None
 
 

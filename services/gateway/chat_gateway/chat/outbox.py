@@ -4,7 +4,9 @@ The sessions service writes what a turn owes in the same transaction as its entr
 outbox). A turn normally settles its own charge right after the append; this worker, run by
 every gateway replica, pages through outbox rows older than a grace period and hands them to
 billing, which applies each key exactly once (a turn's reservation is settled once; a summary's
-debit is one ledger line per key) and answers "already" for those the turn settled itself. Rows
+debit is one ledger line per key) and answers "already" for those the turn settled itself. Each
+charge carries the receipt's details the outbox kept with it (tokens, window, summary extent,
+prompt hash), so a charge settled from here has the same receipt as one the turn settled. Rows
 billing has answered for are then acknowledged (deleted). Replicas racing over the same rows are
 harmless for the same reason.
 """

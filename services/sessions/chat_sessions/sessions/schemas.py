@@ -54,12 +54,29 @@ class EntryIn(msgspec.Struct):
     content: Content
 
 
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT8)]
+Seq = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT4)]
+
+
+class Receipt(msgspec.Struct, omit_defaults=True):
+    """``contracts.ReceiptDetails`` with bounds: kept with the owed charge (migration 0007) and
+    handed back with it, so a charge replayed from the outbox gets a complete receipt."""
+
+    input_tokens: Count | None = None
+    output_tokens: Count | None = None
+    first_seq: Seq | None = None
+    last_seq: Seq | None = None
+    summarized_upto: Seq | None = None
+    prompt_sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")] | None = None
+
+
 class OwedCharge(msgspec.Struct):
     """What the stored turn (or summary) owes billing; goes to the outbox in its transaction."""
 
     cost_nanos: Annotated[int, msgspec.Meta(ge=0, le=MAX_INT8)]
     reservation_id: IdempotencyKey | None = None
     model_name: Name | None = None
+    receipt: Receipt | None = None
 
 
 class TurnAppend(msgspec.Struct):

@@ -10,7 +10,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
+import msgspec
 
+from chat_common.contracts import ReceiptDetails
 from chat_common.db import check_schema_name
 from chat_common.errors import BadRequestError, ConflictError, NotFoundError, StaleTurnError
 from chat_sessions.sessions import schemas, sql
@@ -66,12 +68,21 @@ def to_entries(row: Sequence[Any]) -> list[schemas.Entry]:
     ]
 
 
-def _charge_args(charge: schemas.OwedCharge | None) -> tuple[int | None, str | None, str | None]:
+_receipt_json = msgspec.json.Encoder()
+
+
+def _charge_args(charge: schemas.OwedCharge | None) -> tuple[int | None, str | None, str | None, str | None]:
+    """Cost, reservation, model and the receipt's details (JSON text) of an owed charge."""
     if charge is None:
-        return None, None, None
+        return None, None, None, None
     model_name = None if charge.model_name is None else clean_text(charge.model_name) or None
     reservation = None if charge.reservation_id is None else clean_text(charge.reservation_id) or None
-    return charge.cost_nanos, reservation, model_name
+    receipt = None if charge.receipt is None else _receipt_json.encode(charge.receipt).decode()
+    return charge.cost_nanos, reservation, model_name, receipt
+
+
+def _receipt(raw: str | None) -> ReceiptDetails | None:
+    return None if raw is None else msgspec.json.decode(raw, type=ReceiptDetails)
 
 
 class SessionsService:
@@ -184,13 +195,13 @@ class SessionsService:
             roles.append(entry.role)
             contents.append(content)
         prompt = None if data.prompt is None else clean_text(data.prompt)
-        cost, reservation, charge_model = _charge_args(data.charge)
+        cost, reservation, charge_model, receipt = _charge_args(data.charge)
         # One call of append_turn(): the session row lock serializes every append (and replay)
         # of the session; seq numbers come from entry_count under it, so they are contiguous,
         # and a replay waits for the first attempt to commit and then finds its turn row.
         status, first_seq, count, entry_count = await self._pool().fetchrow(
             sql.APPEND_TURN, session_id, data.user_id, data.turn_id, roles, contents,
-            data.expected_entry_count, prompt, model_name, cost, reservation, charge_model,
+            data.expected_entry_count, prompt, model_name, cost, reservation, charge_model, receipt,
         )
         if status == "created" or status == "replay":
             return schemas.TurnResult(
@@ -217,12 +228,12 @@ class SessionsService:
         )
 
     async def update_summary(self, session_id: uuid.UUID, data: schemas.SummaryUpdate) -> schemas.Session:
-        cost, reservation, charge_model = _charge_args(data.charge)
+        cost, reservation, charge_model, receipt = _charge_args(data.charge)
         # One call of store_summary(): locked, so two updates racing cannot both pass the
         # monotonicity check; the outbox row (if any) is written with the stored summary only.
         row = await self._pool().fetchrow(
             sql.STORE_SUMMARY, session_id, data.user_id, clean_text(data.summary), data.summarized_upto,
-            data.turn_id, cost, reservation, charge_model,
+            data.turn_id, cost, reservation, charge_model, receipt,
         )
         if row is None or row[0] is None:
             raise NotFoundError("session not found")
@@ -272,7 +283,7 @@ class SessionsService:
                     outbox_id=row[0],
                     charge=Charge(
                         key=row[1], kind=row[2], user_id=row[3], session_id=row[4], turn_id=row[5],
-                        cost_nanos=row[6], reservation_id=row[7], model_name=row[8],
+                        cost_nanos=row[6], reservation_id=row[7], model_name=row[8], receipt=_receipt(row[9]),
                     ),
                 )
                 for row in rows

@@ -59,10 +59,11 @@ SELECT s.id, s.user_id, s.name, s.model_name, s.prompt, s.summary, s.summarized_
 
 APPEND_TURN = """
 SELECT o_status, o_first_seq, o_count, o_entry_count
-  FROM append_turn($1, $2, $3, $4::text[], $5::text[], $6, $7, $8, $9, $10, $11)
+  FROM append_turn($1, $2, $3, $4::text[], $5::text[], $6, $7, $8, $9, $10, $11, $12::jsonb)
 """
 
-STORE_SUMMARY = f"SELECT {_SESSION_COLUMNS} FROM store_summary($1, $2, $3, $4, $5, $6, $7, $8)"
+# $12 / $9: the receipt's details for the outbox row, JSON text (migration 0007)
+STORE_SUMMARY = f"SELECT {_SESSION_COLUMNS} FROM store_summary($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)"
 
 GET_TURN = """
 SELECT t.first_seq, t.count
@@ -74,7 +75,7 @@ SELECT t.first_seq, t.count
 DELETE_SESSION = "DELETE FROM sessions WHERE id = $1 AND user_id = $2"
 
 OUTBOX_PAGE = """
-SELECT id, key, kind, user_id, session_id, turn_id, cost_nanos, reservation_id, model_name
+SELECT id, key, kind, user_id, session_id, turn_id, cost_nanos, reservation_id, model_name, receipt::text
   FROM outbox
  WHERE created_at <= now() - make_interval(secs => $1)
  ORDER BY created_at, id
