@@ -13,9 +13,9 @@ from chat_sessions.app import create_app
 
 from .conftest import append_turn, create_session, fetch, make_settings, new_id
 
-TABLES = {"schema_migrations", "sessions", "entries", "turns", "outbox", "expired_sessions"}
+TABLES = {"schema_migrations", "sessions", "entries", "turns", "outbox", "expired_sessions", "erasures"}
 VERSIONS = ["0001_init", "0002_outbox_and_turn_functions", "0003_search", "0004_retention", "0005_search_plan",
-            "0007_outbox_receipt"]
+            "0007_outbox_receipt", "0008_erase"]
 
 
 async def _tables(database_url: str, schema: str) -> set[str]:
