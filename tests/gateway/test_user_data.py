@@ -266,6 +266,7 @@ async def test_export_then_import_into_a_fresh_system_answers_as_before(
     downloaded = download(stack.gateway_url, file_name)
     assert downloaded[0] == 200 and downloaded[1] == made["file_bytes"]
 
+    stack.admin("PUT", f"/v1/users/{user}/balance-aware", {"enabled": False})
     out = tmp_path / "user.json"
     summary_out = admin_ok(stack.gateway_url, stack.service_token, "export-user", "--user-id", user, "--out", str(out))
     assert summary_out["sessions"] == 2 and summary_out["files"] == 1 and summary_out["ledger"] > 0
@@ -301,6 +302,7 @@ async def test_export_then_import_into_a_fresh_system_answers_as_before(
             assert old["daily"]["limit_nanos"] == new["daily"]["limit_nanos"] == 2_000_000_000
         else:
             assert strip(old) == strip(new)
+    assert fresh_system.admin("GET", f"/v1/users/{user}/balance-aware")["enabled"] is False
     # and the imported user goes on as any other
     async with connect(fresh_system.ws_url) as client:
         assert_ok(await client.chat(user, sessions[1], "after the move"), 3)

@@ -39,6 +39,8 @@ RECEIPTS = (
 LIMITS = "SELECT daily_nanos, monthly_nanos, per_session_nanos, updated_at FROM limits WHERE user_id = $1"
 DAILY = "SELECT day, spent_nanos FROM daily_spend WHERE user_id = $1 ORDER BY day"
 SESSION_SPEND = "SELECT session_id, spent_nanos FROM session_spend WHERE user_id = $1 ORDER BY session_id"
+BALANCE_AWARE = "SELECT enabled FROM balance_aware_users WHERE user_id = $1"
+INSERT_BALANCE_AWARE = "INSERT INTO balance_aware_users (user_id, enabled) VALUES ($1, $2)"
 
 INSERT_USER = "INSERT INTO users (id, username, balance_nanos, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING RETURNING id"
 INSERT_ENTITLEMENTS = "INSERT INTO entitlements (user_id, model_id) SELECT $1, unnest($2::integer[])"
@@ -86,6 +88,7 @@ class BillingAdmin:
             limits = await connection.fetchrow(LIMITS, user_id)
             daily = await connection.fetch(DAILY, user_id)
             per_session = await connection.fetch(SESSION_SPEND, user_id)
+            balance_aware = await connection.fetchval(BALANCE_AWARE, user_id)
         return c.BillingExport(
             user=c.ExportedUser(user_id=user[0], username=user[1], balance_nanos=user[2], created_at=user[3], models=list(user[4])),
             ledger=[
@@ -109,6 +112,7 @@ class BillingAdmin:
             ),
             daily_spend=[c.ExportedSpend(day=r[0], spent_nanos=r[1]) for r in daily],
             session_spend=[c.ExportedSpend(session_id=r[0], spent_nanos=r[1]) for r in per_session],
+            balance_aware=balance_aware,
         )
 
     async def import_(self, data: c.BillingExport) -> c.ImportedCount:
@@ -150,6 +154,8 @@ class BillingAdmin:
             await connection.executemany(
                 INSERT_SESSION_SPEND, [(s.session_id, user_id, s.spent_nanos) for s in data.session_spend if s.session_id]
             )
+            if data.balance_aware is not None:
+                await connection.execute(INSERT_BALANCE_AWARE, user_id, data.balance_aware)
         return c.ImportedCount(imported={
             "users": 1, "ledger": len(data.ledger), "receipts": len(data.receipts),
             "limits": int(data.limits is not None), "daily_spend": len(data.daily_spend),

@@ -493,6 +493,8 @@ class BillingExport(msgspec.Struct, kw_only=True):
     limits: ExportedLimits | None = None
     daily_spend: list[ExportedSpend] = []
     session_spend: list[ExportedSpend] = []
+    # the user's own balance-aware setting (None: none, the model's counts)
+    balance_aware: bool | None = None
 
 
 class BillingErase(msgspec.Struct, kw_only=True):
