@@ -326,8 +326,21 @@ async def test_erase_leaves_no_trace_spares_others_and_may_be_repeated(stack: St
     assert await postgres_hits(stack, [user]) != []
     assert redis_hits(stack, [user]) != []
 
+    # a charge still owed in the outbox (as a summary whose inline charge failed leaves it)
+    owed_key = f"summary:{victim['sessions'][0]}:9999"
+    connection = await asyncpg.connect(plain_dsn(stack.infra.database_url))
+    try:
+        await connection.execute(
+            "INSERT INTO sessions.outbox (key, kind, user_id, session_id, turn_id, cost_nanos, model_name)"
+            " VALUES ($1, 'summary', $2::uuid, $3::uuid, $4::uuid, 12345, 'llama3.1:8b')",
+            owed_key, user, victim["sessions"][0], str(uuid.uuid4()),
+        )
+    finally:
+        await connection.close()
+
     report = admin_ok(stack.gateway_url, stack.service_token, "erase-user", "--user-id", user)
     assert report["user_id"] == user and not report["resumed"] and not report["finished_before"]
+    assert report["owed_charges"].get("charged", 0) >= 1
     removed = report["postgres"]
     assert removed["billing.users"] == 1
     assert removed["sessions.sessions"] == 2
@@ -344,6 +357,11 @@ async def test_erase_leaves_no_trace_spares_others_and_may_be_repeated(stack: St
     try:
         kept = await connection.fetchval("SELECT count(*) FROM billing.ledger WHERE user_id = $1::uuid", pseudonym)
         assert kept == report["pseudonymized"]["billing.ledger"]
+        # the owed charge was booked before the user went: its ledger line is among those kept
+        booked = await connection.fetchrow(
+            "SELECT user_id::text, amount_nanos FROM billing.ledger WHERE charge_key = $1", owed_key
+        )
+        assert booked is not None and booked["user_id"] == pseudonym and booked["amount_nanos"] == -12345
         for statement in (
             "UPDATE billing.ledger SET amount_nanos = 0 WHERE user_id = $1::uuid",
             "UPDATE billing.ledger SET user_id = gen_random_uuid() WHERE user_id = $1::uuid",
@@ -376,6 +394,7 @@ async def test_erase_leaves_no_trace_spares_others_and_may_be_repeated(stack: St
     assert again["finished_before"] and not again["resumed"]
     assert sorted(again["steps_before"]) == ["billing", "files", "redis", "sessions"]
     assert sum(again["postgres"].values()) == 0 and again["objects"] == 0 and again["redis_keys"] == 0
+    assert again["owed_charges"] == {}
     assert again["pseudonym"] == pseudonym
     # and a user nobody ever had is an error, not a silent success
     never = chat_admin(stack.gateway_url, stack.service_token, "erase-user", "--user-id", str(uuid.uuid4()))

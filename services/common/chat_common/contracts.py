@@ -377,10 +377,13 @@ class SessionsExport(msgspec.Struct, kw_only=True):
 
 
 class SessionKeys(msgspec.Struct, kw_only=True):
-    """``GET /v1/admin/users/{id}/keys``: the ids that name the user's data elsewhere (Redis)."""
+    """``GET /v1/admin/users/{id}/keys``: the ids that name the user's data elsewhere (Redis),
+    and the charges the user's stored turns and summaries still owe (the outbox), which an
+    erase books before the user goes."""
 
     session_ids: list[str] = []
     turn_ids: list[str] = []
+    owed: list[Charge] = []
 
 
 class ImportedCount(msgspec.Struct, kw_only=True):
@@ -529,6 +532,8 @@ class EraseReport(msgspec.Struct, kw_only=True):
     pseudonymized: dict[str, int]
     redis_keys: int
     objects: int
+    # owed charges of the user's outbox handed to billing before the user went (by status)
+    owed_charges: dict[str, int] = {}
 
 
 class ImportReport(msgspec.Struct, kw_only=True):

@@ -12,8 +12,9 @@ An erase is resumable: its progress lives in the sessions service (``erasures``)
 HMAC-SHA256 of the user id under the gateway's service token, so the record never names the
 user. Every step is idempotent and every run does every step, so a run cut short anywhere
 (a service killed, a store down) is finished by the next one, and a repeat removes nothing
-more. Billing goes first (the user is then unknown to every new turn), Redis last (so whatever
-a turn in flight cached meanwhile is found too).
+more. Charges the user's outbox still owes are booked first, then billing erases (the user is
+then unknown to every new turn), Redis last (so whatever a turn in flight cached meanwhile is
+found too).
 """
 from __future__ import annotations
 
@@ -224,6 +225,12 @@ class UserAdmin:
             objects += removed.objects
             await ctx.sessions.erasure_step(subject, name, _merge(record.steps.get(name), removed))
 
+        # What the user's stored turns still owe is booked first (each key once: an answered one
+        # is "already"), so the ledger kept for accounting is complete.
+        owed: dict[str, int] = {}
+        for start in range(0, len(keys.owed), 500):
+            for result in (await ctx.billing.charge(keys.owed[start:start + 500])).results:
+                owed[result.status] = owed.get(result.status, 0) + 1
         await step("billing", await ctx.billing.erase_user(user_id, pseudonym))
         await step("sessions", await ctx.sessions.erase_user(user_id))
         await step("files", await ctx.files.erase_user(user_id))
@@ -238,6 +245,7 @@ class UserAdmin:
             finished_before=before is not None and before.finished_at is not None,
             steps_before=sorted(before.steps) if before is not None else [],
             postgres=postgres, pseudonymized=pseudonymized, redis_keys=redis_keys, objects=objects,
+            owed_charges=owed,
         )
 
 

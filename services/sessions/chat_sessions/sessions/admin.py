@@ -40,6 +40,10 @@ SELECT t.session_id::text, t.turn_id::text, t.first_seq, t.count, t.created_at
 """
 SESSION_IDS = "SELECT id FROM sessions WHERE user_id = $1"
 TURN_IDS = "SELECT DISTINCT t.turn_id::text FROM turns t JOIN sessions s ON s.id = t.session_id WHERE s.user_id = $1"
+OWED = """
+SELECT key, kind, session_id::text, turn_id::text, cost_nanos, reservation_id, model_name, receipt::text
+  FROM outbox WHERE user_id = $1 ORDER BY created_at, id
+"""
 OWNERS = "SELECT id::text, user_id FROM sessions WHERE id = ANY($1::uuid[])"
 IMPORT_SESSION = """
 INSERT INTO sessions (id, user_id, name, model_name, prompt, summary, summarized_upto, summary_turn_id,
@@ -70,6 +74,7 @@ UPDATE erasures SET steps = jsonb_set(steps, ARRAY[$2::text], $3::jsonb)
 ERASURE_FINISH = f"UPDATE erasures SET finished_at = coalesce(finished_at, now()) WHERE subject = $1 RETURNING {ERASURE_COLUMNS}"
 
 _removed_decoder = msgspec.json.Decoder(dict[str, c.Removed])
+_receipt_decoder = msgspec.json.Decoder(c.ReceiptDetails)
 
 
 def _erasure(row: Any) -> c.Erasure:
@@ -120,7 +125,19 @@ class SessionsAdmin:
         async with self.pool.acquire() as connection:
             sessions = await connection.fetch(SESSION_IDS, user_id)
             turns = await connection.fetch(TURN_IDS, user_id)
-        return c.SessionKeys(session_ids=[str(r[0]) for r in sessions], turn_ids=[r[0] for r in turns])
+            owed = await connection.fetch(OWED, user_id)
+        return c.SessionKeys(
+            session_ids=[str(r[0]) for r in sessions],
+            turn_ids=[r[0] for r in turns],
+            owed=[
+                c.Charge(
+                    key=r[0], kind=r[1], user_id=str(user_id), session_id=r[2], turn_id=r[3], cost_nanos=r[4],
+                    reservation_id=r[5], model_name=r[6],
+                    receipt=None if r[7] is None else _receipt_decoder.decode(r[7]),
+                )
+                for r in owed
+            ],
+        )
 
     async def import_(self, user_id: uuid.UUID, data: c.SessionsExport) -> c.ImportedCount:
         """Idempotent: a session already stored for this user is kept as it is (an import cut
