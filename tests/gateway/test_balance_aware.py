@@ -174,6 +174,27 @@ async def test_a_daily_limit_behaves_the_same_way(stack: Stack) -> None:
     assert_error(await turn(url, user), DAILY, 3)
 
 
+async def test_a_streamed_balance_aware_turn_is_cut_the_same_way(stack: Stack) -> None:
+    url = gateway_url(stack)
+    whole = await full_reply(url, stack)
+    room = 90
+    user = new_user(stack, balance=held_for(stack, room) / 1e9)
+    switch(stack, "--user-id", user, "on")
+    async with connect(url) as client:
+        await client.send(3, user_id=user, session_id="NEW", model_name="llama3.1:8b", message=MESSAGE,
+                          session_prompt=PROMPT, file_name="", stream=True)
+        deltas: list[str] = []
+        while (frame := await client.recv())["type"] == 7:
+            assert "error" not in frame, frame
+            deltas.append(frame["data"]["delta"])
+    reply = assert_ok(frame, 3)
+    assert reply["finish_reason"] == "stop" and reply["message"] == "".join(deltas)
+    assert len(reply["message"].split()) == room and whole.startswith(reply["message"])
+    [receipt] = receipts(stack, user)
+    assert receipt["output_tokens"] == room
+    assert_books_balance(stack, user)
+
+
 # -- what the AI was asked (a stand-in that records it) ------------------------------------------
 
 

@@ -34,7 +34,9 @@ from redis.exceptions import RedisError
 
 from chat_common.aiproto import ai_service_pb2 as pb
 from chat_common.money import dollars_to_nanos, token_cost_nanos
-from chat_gateway.chat.turn import NothingProduced, Turn, TurnRunner, _cost_nanos, _grpc_code, _grpc_text, estimate_tokens
+from chat_gateway.chat.turn import (
+    NothingProduced, Turn, TurnRunner, _cost_nanos, _grpc_code, _grpc_text, _tokens, estimate_tokens,
+)
 from chat_gateway.ws.metrics import CHAT_AI_SECONDS, CHAT_ERRORS
 from chat_gateway.ws.protocol import ErrorCode, MessageType, ProtocolError, encode_error, encode_reply, is_uuid
 
@@ -308,6 +310,8 @@ class StreamSink:
         if not parts and turn.finish_reason == "cancelled":
             raise NothingProduced()
         turn.cost_nanos = self._cost(turn, reported, request)
+        if turn.receipt is not None and reported is not None:  # usage as the AI reported it (cumulative)
+            turn.receipt.input_tokens, turn.receipt.output_tokens = _tokens(reported)
 
     def _cost(self, turn: Turn, reported: pb.StreamChunk | None, request: pb.Request) -> int:
         """As the AI reported it (cumulative, so a cancelled call's covers what it produced), or
@@ -346,6 +350,8 @@ class StreamSink:
             raise ProtocolError(ErrorCode.AI_RESPONSE) from None
         turn.reply_text = reply.response_text
         turn.cost_nanos = _cost_nanos(reply)
+        if turn.receipt is not None:
+            turn.receipt.input_tokens, turn.receipt.output_tokens = _tokens(reply)
         if reply.response_text:
             await self.delta(reply.response_text)
 
