@@ -9,6 +9,8 @@ from typing import Any
 from conftest import assert_ledger_explains, balance_of, create_user, ledger_of
 from litestar.testing import AsyncTestClient
 
+from chat_billing.metrics import SMALLER_RESERVATIONS
+
 LLAMA = 8  # 1_500_000 nanos per 1K input tokens, 2_000_000 per 1K output tokens
 FULL = 1024
 FLOOR = 64
@@ -54,8 +56,10 @@ async def test_on_a_low_balance_gets_a_smaller_hold_and_a_settle_within_it(billi
     user = (await create_user(billing, balance=SMALL))["user_id"]
     shown = await switch(billing, user, True)
     assert shown["enabled"] is True and all(m["balance_aware"] for m in shown["models"])
+    smaller_before = SMALLER_RESERVATIONS._value.get()
     reply = await reserve(billing, user)
     assert reply.status_code == 201, reply.text
+    assert SMALLER_RESERVATIONS._value.get() == smaller_before + 1
     hold = reply.json()
     assert hold["max_output_tokens"] == hold["output_tokens"] == 75
     assert hold["amount_nanos"] == 150_000 + 75 * 2_000 == 300_000 and hold["balance_nanos"] == 0

@@ -15,6 +15,11 @@ SPENT_NANOS = Counter(
     "billing_spent_nanos_total", "Nano-dollars taken by charges, by kind (turn: a settle, summary: a fold)",
     ["kind"],
 )
+# Balance-aware reserves made smaller than asked (migration 0006), instead of a refusal.
+SMALLER_RESERVATIONS = Counter(
+    "billing_reservations_smaller_total",
+    "Balance-aware reservations made smaller than asked, where the balance or a limit would have refused them",
+)
 SHORTFALL_NANOS = Counter(
     "billing_shortfall_nanos_total", "Nano-dollars charges could not take (the balance ran out), by kind",
     ["kind"],

@@ -24,7 +24,7 @@ from litestar import Response
 from chat_billing.accounts.services import UserNotFound
 from chat_billing.idempotency import fingerprint, run_once
 from chat_billing.inputs import reject_nul_characters
-from chat_billing.metrics import LEDGER_OPERATIONS, RESERVATION_FAILURES, count_charge
+from chat_billing.metrics import LEDGER_OPERATIONS, RESERVATION_FAILURES, SMALLER_RESERVATIONS, count_charge
 from chat_billing.pg import Pg
 from chat_billing.reservations.schemas import (
     LeaseRequest,
@@ -111,6 +111,8 @@ def reserve_reply(row: Any, request: ReserveRequest) -> ReservationReply:
     outcome = row["outcome"]
     if outcome == "reserved":
         LEDGER_OPERATIONS.labels("reserve").inc()
+        if row["max_output_tokens"] is not None:
+            SMALLER_RESERVATIONS.inc()
     if outcome in ("reserved", "existing"):
         reply = ReservationReply.of_row(row)
         reply.max_output_tokens = row["max_output_tokens"]
