@@ -23,6 +23,7 @@ import hmac
 import logging
 import re
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -30,15 +31,26 @@ import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.params import FromPath
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from chat_common import contracts as c
 from chat_common.app import SERVICE_TOKEN_HEADER, tokens_match
-from chat_common.errors import BadRequestError, ConflictError, ForbiddenError, NotFoundError, UnauthorizedError
+from chat_common.client import ServiceClient
+from chat_common.errors import (
+    BadRequestError,
+    ConflictError,
+    ForbiddenError,
+    NotFoundError,
+    ServiceUnavailableError,
+    UnauthorizedError,
+)
+from chat_gateway.clients import BillingClient, FilesClient, SessionsClient
 from chat_gateway.context import GatewayContext
 
 logger = logging.getLogger(__name__)
 
 MAX_IMPORT_BYTES = 1024 * 1024 * 1024
+ADMIN_TIMEOUT = 300.0  # seconds a service may take to answer one admin call
 REDIS_BATCH = 500
 _UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _export_decoder = msgspec.json.Decoder(c.UserExport)
@@ -163,13 +175,35 @@ def _flatten(value: Any) -> bytes:
     return str(value).encode()
 
 
+@dataclass
+class _Clients:
+    sessions: SessionsClient
+    files: FilesClient
+    billing: BillingClient
+    redis: Redis
+
+
 class UserAdmin:
+    """One admin request's work. Its own clients: the turn's clients give up on a reply after
+    10 s, and exporting or erasing a long history may take longer."""
+
     def __init__(self, context: GatewayContext) -> None:
-        self.context = context
-        self.secret = context.settings.service.service_token
+        settings = context.settings
+        token = settings.service.service_token
+        self.secret = token
+        self.clients = _Clients(
+            sessions=SessionsClient(ServiceClient("sessions", settings.sessions_url, token, timeout=ADMIN_TIMEOUT)),
+            files=FilesClient(ServiceClient("files", settings.files_url, token, timeout=ADMIN_TIMEOUT)),
+            billing=BillingClient(ServiceClient("billing", settings.billing_url, token, timeout=ADMIN_TIMEOUT)),
+            redis=context.redis,
+        )
+
+    async def aclose(self) -> None:
+        for client in (self.clients.sessions, self.clients.files, self.clients.billing):
+            await client.aclose()
 
     async def export(self, user_id: str) -> c.UserExport:
-        ctx = self.context
+        ctx = self.clients
         billing = await ctx.billing.export_user(user_id)  # 404 for an unknown user
         sessions = await ctx.sessions.export_user(user_id)
         files = await ctx.files.export_user(user_id)
@@ -186,7 +220,7 @@ class UserAdmin:
         user_id = canonical_user(doc.user_id)
         if canonical_user(doc.billing.user.user_id) != user_id:
             raise BadRequestError("the export's user ids disagree")
-        ctx = self.context
+        ctx = self.clients
         try:
             await ctx.billing.user(user_id)
         except NotFoundError:
@@ -206,7 +240,7 @@ class UserAdmin:
         return c.ImportReport(user_id=user_id, imported=imported)
 
     async def erase(self, user_id: str) -> c.EraseReport:
-        ctx = self.context
+        ctx = self.clients
         subject = erasure_subject(self.secret, user_id)
         pseudonym = pseudonym_for(self.secret, user_id)
         before = await ctx.sessions.erasure(subject)
@@ -234,7 +268,10 @@ class UserAdmin:
         await step("billing", await ctx.billing.erase_user(user_id, pseudonym))
         await step("sessions", await ctx.sessions.erase_user(user_id))
         await step("files", await ctx.files.erase_user(user_id))
-        redis_keys = await erase_redis(ctx.redis, user_id, keys.session_ids, keys.turn_ids)
+        try:
+            redis_keys = await erase_redis(ctx.redis, user_id, keys.session_ids, keys.turn_ids)
+        except (RedisError, OSError) as exc:
+            raise ServiceUnavailableError(f"redis unavailable: {type(exc).__name__}") from exc
         await step("redis", c.Removed(removed={"redis": redis_keys}))
         postgres.pop("redis", None)
         await ctx.sessions.erasure_finish(subject)
@@ -261,8 +298,11 @@ class AdminController(Controller):
 
     @get("/{user_id:str}/export")
     async def export_user(self, request: Request[Any, Any, Any], user_id: FromPath[str]) -> Response[bytes]:
-        context = authorize(request)
-        return _json(await UserAdmin(context).export(canonical_user(user_id)))
+        admin = UserAdmin(authorize(request))
+        try:
+            return _json(await admin.export(canonical_user(user_id)))
+        finally:
+            await admin.aclose()
 
     @post("/import", request_max_body_size=MAX_IMPORT_BYTES)
     async def import_user(self, request: Request[Any, Any, Any]) -> Response[bytes]:
@@ -271,9 +311,16 @@ class AdminController(Controller):
             doc = _export_decoder.decode(await request.body())
         except msgspec.DecodeError as exc:
             raise BadRequestError(f"not a user export: {exc}") from None
-        return _json(await UserAdmin(context).import_(doc), 201)
+        admin = UserAdmin(context)
+        try:
+            return _json(await admin.import_(doc), 201)
+        finally:
+            await admin.aclose()
 
     @post("/{user_id:str}/erase")
     async def erase_user(self, request: Request[Any, Any, Any], user_id: FromPath[str]) -> Response[bytes]:
-        context = authorize(request)
-        return _json(await UserAdmin(context).erase(canonical_user(user_id)))
+        admin = UserAdmin(authorize(request))
+        try:
+            return _json(await admin.erase(canonical_user(user_id)))
+        finally:
+            await admin.aclose()
