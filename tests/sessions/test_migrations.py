@@ -5,17 +5,24 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from litestar.testing import AsyncTestClient
 
+import chat_sessions
 from chat_common.db import apply_migrations, plain_dsn
 from chat_sessions.app import create_app
 
 from .conftest import append_turn, create_session, fetch, make_settings, new_id
 
 TABLES = {"schema_migrations", "sessions", "entries", "turns", "outbox", "expired_sessions", "erasures"}
-VERSIONS = ["0001_init", "0002_outbox_and_turn_functions", "0003_search", "0004_retention", "0005_search_plan",
-            "0007_outbox_receipt", "0008_erase"]
+# Every file of the package's migrations folder, in name order (the first ones by name, so a
+# lost file fails too).
+VERSIONS = sorted(path.stem for path in (Path(chat_sessions.__file__).parent / "migrations").glob("*.sql"))
+assert VERSIONS[:8] == [
+    "0001_init", "0002_outbox_and_turn_functions", "0003_search", "0004_retention", "0005_search_plan",
+    "0007_outbox_receipt", "0008_erase", "0009_search_words",
+]
 
 
 async def _tables(database_url: str, schema: str) -> set[str]:

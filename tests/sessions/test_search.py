@@ -7,6 +7,8 @@ from typing import Any
 
 from litestar.testing import AsyncTestClient
 
+from chat_sessions.sessions.search import searchable_words
+
 from .conftest import append_turn, create_session, new_id
 
 
@@ -98,3 +100,23 @@ async def test_empty_query_is_refused(client: AsyncTestClient) -> None:
         assert "query" in response.text
     response = await client.get("/v1/search", params={"user_id": "nope", "query": "x"})
     assert response.status_code == 400
+
+
+def test_searchable_words_keep_every_word_and_its_first_uses() -> None:
+    text = "the cat  sat\n" + "cat " * 10 + "on the mat, the end"
+    assert searchable_words(text) == "the cat sat cat cat on the mat, the end"
+    assert searchable_words("the " * 5 + "end") == "the the the end"
+    assert searchable_words("") == "" and searchable_words(" \n\t ") == ""
+
+
+async def test_every_word_of_a_long_repetitive_reply_is_found(client: AsyncTestClient) -> None:
+    user = new_id()
+    session = await create_session(client, user)
+    # a word first used after thousands of repeated ones, and a word used once among them
+    answer = "walrus tusk " * 3000 + "narwhal " + "walrus tusk " * 3000 + "beluga"
+    await append_turn(client, session["session_id"], user, entries=turn("tell me about whales", answer))
+    for word in ("narwhal", "beluga", "walruses", "tusk", "whales"):
+        assert len(await search(client, user, word)) == 1, word
+    assert [h["role"] for h in await search(client, user, "narwhal beluga walrus")] == ["assistant"]
+    hit = (await search(client, user, "narwhal"))[0]
+    assert "narwhal" in hit["snippet"]  # the snippet comes from the stored text, not the words

@@ -51,9 +51,10 @@ INSERT INTO sessions (id, user_id, name, model_name, prompt, summary, summarized
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
 ON CONFLICT (id) DO NOTHING
 """
+# the search vector from the whole content (migration 0009's entry_vector), as findable as before
 IMPORT_ENTRY = """
-INSERT INTO entries (session_id, seq, role, content, turn_id, created_at)
-VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING
+INSERT INTO entries (session_id, seq, role, content, turn_id, created_at, search)
+VALUES ($1, $2, $3, $4, $5, $6, entry_vector($3, $4)) ON CONFLICT DO NOTHING
 """
 IMPORT_TURN = """
 INSERT INTO turns (session_id, turn_id, first_seq, count, created_at)

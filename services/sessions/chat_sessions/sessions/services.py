@@ -16,6 +16,7 @@ from chat_common.contracts import ReceiptDetails
 from chat_common.db import check_schema_name
 from chat_common.errors import BadRequestError, ConflictError, NotFoundError, StaleTurnError
 from chat_sessions.sessions import schemas, sql
+from chat_sessions.sessions.search import SEARCHED_ROLES, searchable_words
 
 # A content of at most this many characters cannot exceed the byte bound (UTF-8 is at most 4
 # bytes per character), so only longer ones are encoded to be measured.
@@ -183,6 +184,7 @@ class SessionsService:
         model_name = None if data.model_name is None else required_text(data.model_name, "model_name")
         roles: list[str] = []
         contents: list[str] = []
+        words: list[str | None] = []
         for index, entry in enumerate(data.entries):
             content = entry.content
             if "\x00" in content:
@@ -194,6 +196,7 @@ class SessionsService:
                 )
             roles.append(entry.role)
             contents.append(content)
+            words.append(searchable_words(content) if entry.role in SEARCHED_ROLES else None)
         prompt = None if data.prompt is None else clean_text(data.prompt)
         cost, reservation, charge_model, receipt = _charge_args(data.charge)
         # One call of append_turn(): the session row lock serializes every append (and replay)
@@ -201,7 +204,7 @@ class SessionsService:
         # and a replay waits for the first attempt to commit and then finds its turn row.
         status, first_seq, count, entry_count = await self._pool().fetchrow(
             sql.APPEND_TURN, session_id, data.user_id, data.turn_id, roles, contents,
-            data.expected_entry_count, prompt, model_name, cost, reservation, charge_model, receipt,
+            data.expected_entry_count, prompt, model_name, cost, reservation, charge_model, receipt, words,
         )
         if status == "created" or status == "replay":
             return schemas.TurnResult(

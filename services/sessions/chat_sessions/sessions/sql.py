@@ -59,7 +59,7 @@ SELECT s.id, s.user_id, s.name, s.model_name, s.prompt, s.summary, s.summarized_
 
 APPEND_TURN = """
 SELECT o_status, o_first_seq, o_count, o_entry_count
-  FROM append_turn($1, $2, $3, $4::text[], $5::text[], $6, $7, $8, $9, $10, $11, $12::jsonb)
+  FROM append_turn($1, $2, $3, $4::text[], $5::text[], $6, $7, $8, $9, $10, $11, $12::jsonb, $13::text[])
 """
 
 # $12 / $9: the receipt's details for the outbox row, JSON text (migration 0007)
@@ -94,7 +94,7 @@ PING = "SELECT 1"
 # own text may hold some).
 SEARCH_ENTRIES = """
 SELECT h.session_id, h.session_name, h.seq, h.role,
-       ts_headline('english'::regconfig, left(h.content, 100000), websearch_to_tsquery('english'::regconfig, $2),
+       ts_headline('english'::regconfig, left(h.content, 100000), plainto_tsquery('english'::regconfig, $2),
                    'StartSel="", StopSel="", MaxWords=35, MinWords=15, ShortWord=3'),
        h.created_at
   FROM search_entries($1, $2, $3) AS h
