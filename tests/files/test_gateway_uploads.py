@@ -6,7 +6,7 @@ import hashlib
 import os
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import httpx
@@ -437,13 +437,12 @@ async def test_cors_preflight_for_the_upload(gateway: httpx.AsyncClient) -> None
 
 
 @pytest.fixture(scope="module", autouse=True)
-def log_offsets(system: Stack):
-    """Where the gateway's and files service's logs stood when this module began."""
-    return {name: system.services[name].log_path.stat().st_size for name in ("gateway", "files")}
-
-
-def test_zz_no_input_of_this_module_caused_a_500_or_a_traceback(system: Stack, log_offsets: dict[str, int]) -> None:
-    for name, offset in log_offsets.items():
+def no_input_of_this_module_caused_a_500_or_a_traceback(system: Stack) -> Iterator[None]:
+    """The gateway's and files service's logs from this module's start to its end (checked
+    after its last test, whatever order the tests ran in): no traceback, no error."""
+    offsets = {name: system.services[name].log_path.stat().st_size for name in ("gateway", "files")}
+    yield
+    for name, offset in offsets.items():
         with open(system.services[name].log_path, "rb") as log:
             log.seek(offset)
             written = log.read().decode(errors="replace")

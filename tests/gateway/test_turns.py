@@ -40,18 +40,15 @@ async def chat_of(url: str, user: str, session: str) -> list[dict[str, str]]:
 async def test_slow_turn_does_not_hold_up_other_requests(stack: Stack, stand_in_gateway: ServiceProcess) -> None:
     user = new_user(stack)
     async with connect(ws_url(stand_in_gateway)) as client:
-        started = time.monotonic()
         await client.send(3, user_id=user, session_id="NEW", model_id=8, message="slow:2.5 take your time",
                           session_prompt="")
         await client.send(1, user_id=user)
         await client.send(6, user_id=user)
         first, second = await client.recv(), await client.recv()
-        quick = time.monotonic() - started
+        # answered while the turn's AI call is still running: before its reply, not after
         assert {first["type"], second["type"]} == {1, 6}
-        assert quick < 1.5, f"other requests waited {quick:.2f}s behind the turn"
         assert assert_ok(first if first["type"] == 1 else second, 1)["session_info"] == []
         turn = assert_ok(await client.recv(), 3)
-        assert time.monotonic() - started >= 2.5
         assert turn["message"] == "reply to: slow:2.5 take your time"
         assert turn["session_name"] == "slow:2.5 take your"
 
@@ -158,7 +155,15 @@ async def test_two_gateways_one_session(
     other.stop()
 
 
-async def test_flushall_between_turns_loses_nothing(
+async def forget(redis: Redis, *names: str) -> None:
+    """What a FLUSHALL does to one user and session (every key naming them), without touching
+    the Redis other tests share; tests/faults flushes a Redis of its own for real."""
+    for name in names:
+        async for key in redis.scan_iter(match=f"*{name}*"):
+            await redis.delete(key)
+
+
+async def test_redis_forgetting_the_session_between_turns_loses_nothing(
     stack: Stack, stand_in_ai: StandInAI, stand_in_gateway: ServiceProcess
 ) -> None:
     user = new_user(stack)
@@ -167,7 +172,9 @@ async def test_flushall_between_turns_loses_nothing(
         async with connect(ws_url(stand_in_gateway)) as client:
             session = assert_ok(await client.chat(user, "NEW", "turn 0"), 3)["session_id"]
             for i in range(1, 9):
-                await redis.flushall()
+                before = [key async for key in redis.scan_iter(match=f"*{session}*")]
+                assert before, "the turn left its session's context in Redis"
+                await forget(redis, session, user)
                 reply = assert_ok(await client.chat(user, session, f"turn {i}"), 3)
                 assert reply["session_name"] == "turn 0"
     finally:

@@ -72,6 +72,26 @@ async def watch(system: Stack, victim: dict[str, Any], attacker: dict[str, str])
     yield LogWatch(system).start()
 
 
+@pytest.fixture(scope="module", autouse=True)
+async def afterwards(
+    system: Stack, victim: dict[str, Any], attacker: dict[str, str], watch: LogWatch
+) -> AsyncIterator[None]:
+    """Checked when the module's last test is done, whatever order the tests ran in: the other
+    user's data came through unchanged, nothing logged a traceback or an error, and every
+    service still answers (the attacker still chats)."""
+    yield
+    assert entries_of(system, victim["user"], victim["session"]) == victim["entries"]
+    assert sessions_of(system, victim["user"]) == victim["sessions"]
+    assert balance_nanos(system, victim["user"]) == victim["balance"]
+    assert files_of(system, victim["user"], victim["session"]) == []
+    watch.assert_clean()
+    async with connect(system.ws_url) as client:
+        assert_ok(await client.chat(attacker["session"], "still here", user_id=attacker["user"]), 3)
+    for name in ("sessions", "files", "billing"):
+        async with httpx.AsyncClient(timeout=10) as http:
+            assert (await http.get(f"{system.url(name)}/health")).status_code == 200
+
+
 def base(type_: int, attacker: dict[str, str]) -> dict[str, Any]:
     data: dict[str, Any] = {"user_id": attacker["user"]}
     if type_ in (2, 4):
@@ -205,23 +225,3 @@ def _check_upload(response: httpx.Response, case: str) -> dict[str, Any]:
         assert body["data"] is None, (case, body)
         assert "Traceback" not in body["message"]
     return body
-
-
-# ------------------------------------------------------------------------------------ afterwards
-
-
-def test_zz_other_users_data_untouched_and_logs_clean(system: Stack, victim: dict[str, Any], watch: LogWatch) -> None:
-    assert entries_of(system, victim["user"], victim["session"]) == victim["entries"]
-    assert sessions_of(system, victim["user"]) == victim["sessions"]
-    assert balance_nanos(system, victim["user"]) == victim["balance"]
-    assert files_of(system, victim["user"], victim["session"]) == []
-    watch.assert_clean()
-
-
-async def test_zz_every_service_still_answers(system: Stack, attacker: dict[str, str]) -> None:
-    async with connect(system.ws_url) as client:
-        assert_ok(await client.chat(attacker["session"], "still here", user_id=attacker["user"]), 3)
-    for name in ("sessions", "files", "billing"):
-        async with httpx.AsyncClient(timeout=10) as http:
-            assert (await http.get(f"{system.url(name)}/health")).status_code == 200
-

@@ -85,6 +85,13 @@ async def watch(system: Stack) -> AsyncIterator[LogWatch]:
     yield LogWatch(system).start()
 
 
+@pytest.fixture(scope="module", autouse=True)
+async def no_traceback_or_error_logged(watch: LogWatch) -> AsyncIterator[None]:
+    """Checked when the module's last test is done, whatever order the tests ran in."""
+    yield
+    watch.assert_clean()
+
+
 # ------------------------------------------------------------------------------------ none
 
 
@@ -197,10 +204,6 @@ async def test_jwt_mode_a_still_works_after_all_that(system: Stack, jwt_gateway:
         chats = json.loads(assert_ok(await client.request(2, session_id=alice.session), 2)["chat"])
         assert [(e["role"], e["content"]) for e in chats] == alice.entries
         assert_ok(await client.request(6), 6)
-
-
-def test_zz_no_traceback_or_error_logged(watch: LogWatch) -> None:
-    watch.assert_clean()
 
 
 async def test_a_user_id_in_capitals_is_the_same_user(system: Stack, jwt_gateway: ServiceProcess) -> None:
