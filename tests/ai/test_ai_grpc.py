@@ -7,11 +7,12 @@ import hashlib
 import io
 import json
 import logging
+import threading
 from collections.abc import Callable
 
 import grpc
 import pytest
-from ai_helpers import Reply, StandIn, base_settings, running_ai
+from ai_helpers import Recorded, Reply, StandIn, base_settings, running_ai
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chat_ai.server import start_server, stop_server
@@ -214,17 +215,27 @@ async def test_request_and_turn_ids_reach_the_log_lines(ai: Callable) -> None:
     assert "request_id" not in answered[1] and "turn_id" not in answered[1]
 
 
-async def test_calls_are_served_concurrently(ai: Callable, file_host: Callable[[dict[str, Reply]], StandIn]) -> None:
-    host = file_host({"/slow.txt": Reply(200, b"slow", delay=1.0)})
+async def test_calls_are_served_concurrently(ai: Callable, stand_in: Callable[..., StandIn]) -> None:
+    # The file host answers no fetch until all five are waiting at once: calls served one after
+    # another would break the barrier (its timeout is only a guard against hanging forever).
+    together = threading.Barrier(5, timeout=8)
+
+    def respond(request: Recorded) -> Reply:
+        try:
+            together.wait()
+        except threading.BrokenBarrierError:
+            return Reply(503, "the fetches did not overlap")
+        return Reply(200, b"slow")
+
+    host = stand_in(respond)
     async with ai() as (stub, _, _):
-        started = asyncio.get_running_loop().time()
         replies = await asyncio.gather(*(
             stub.Process(turn(chat_message=f"message {i}", file_name=[f"{host.url}/slow.txt"]), timeout=10)
             for i in range(5)
         ))
-        elapsed = asyncio.get_running_loop().time() - started
     assert [r.response_text.splitlines()[0] for r in replies] == [f"Echo: message {i}" for i in range(5)]
-    assert elapsed < 3.5, f"five 1-second calls took {elapsed:.1f}s: they ran one after another"
+    for reply in replies:
+        assert "fetched 4 bytes" in reply.response_text, reply.response_text
 
 
 async def test_running_ai_helper_stops_cleanly() -> None:
