@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,13 @@ def test_litestar_services_share_one_shape(service: str, has_database: bool) -> 
     assert callable(importlib.import_module(f"chat_{service}.__main__").main)
     migrations = sorted((package / "migrations").glob("*.sql")) if has_database else []
     assert bool(migrations) == has_database
+
+
+@pytest.mark.parametrize("module", ["chat_gateway.app", "chat_ai.server"])
+def test_services_without_a_database_load_no_database_driver(module: str) -> None:
+    """Database errors are classified by chat_common.db, which only the services owning tables
+    import: the gateway and the AI service start without asyncpg or SQLAlchemy."""
+    code = f"import sys, {module}; print(sorted(m for m in ('asyncpg', 'sqlalchemy') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", f"{module} loads {done.stdout.strip()}"

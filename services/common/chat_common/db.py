@@ -10,9 +10,50 @@ from importlib import resources
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from chat_common.errors import (
+    AppError,
+    BadRequestError,
+    ConflictError,
+    ServiceUnavailableError,
+    register_classifier,
+)
+
 logger = logging.getLogger(__name__)
+
+# serialization_failure, deadlock_detected, lock_not_available, query_canceled: rolled back,
+# nothing applied, safe to retry
+TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57014"})
+# connection exception, insufficient resources, admin/crash shutdown and "cannot connect now"
+_OUTAGE_SQLSTATE_CLASSES = ("08", "53", "57P")
+_UNAVAILABLE = (
+    OperationalError, InterfaceError, PoolTimeoutError, asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError, asyncpg.InterfaceError,  # asyncpg's: the connection closed mid-call
+)
+
+
+def classify_database_error(cause: BaseException) -> AppError | None:
+    """What a PostgreSQL error stands for to the client (chat_common.errors asks, for every
+    exception of the cause chain): busy or down is 503, a constraint 409, a bad value 400."""
+    # asyncpg's own errors carry the SQLSTATE; SQLAlchemy's wrap one of those as ``orig``
+    sqlstate = str(getattr(cause, "sqlstate", None) or getattr(getattr(cause, "orig", None), "sqlstate", None) or "")
+    if sqlstate in TRANSIENT_SQLSTATES:
+        return ServiceUnavailableError("database busy; retry the request")
+    if isinstance(cause, asyncpg.PostgresError) and sqlstate.startswith(_OUTAGE_SQLSTATE_CLASSES):
+        return ServiceUnavailableError("a dependency is unavailable; retry the request")
+    if isinstance(cause, (IntegrityError, asyncpg.IntegrityConstraintViolationError)):
+        return ConflictError("the request conflicts with stored data")
+    if isinstance(cause, (DataError, asyncpg.DataError)):
+        return BadRequestError("a value in the request is out of range or malformed")
+    if isinstance(cause, _UNAVAILABLE) or (isinstance(cause, DBAPIError) and cause.connection_invalidated):
+        return ServiceUnavailableError("a dependency is unavailable; retry the request")
+    return None
+
+
+register_classifier(classify_database_error)
 
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 

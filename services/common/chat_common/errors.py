@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
-import asyncpg
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 logger = logging.getLogger(__name__)
 
@@ -195,25 +193,24 @@ def http_exception_handler(_: Request, exc: HTTPException) -> Response:
 
 # A dependency that is down or restarting: the request may simply be sent again (503, which
 # the internal client retries). Services add their own kinds (the object store's errors).
-_UNAVAILABLE: list[type[BaseException]] = [
-    OperationalError,
-    InterfaceError,
-    PoolTimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    ConnectionError,
-    asyncio.TimeoutError,
-]
-# serialization_failure, deadlock_detected, lock_not_available, query_canceled: rolled back,
-# nothing applied, safe to retry
-TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57014"})
-# connection exception, insufficient resources, admin/crash shutdown and "cannot connect now"
-_OUTAGE_SQLSTATE_CLASSES = ("08", "53", "57P")
+_UNAVAILABLE: list[type[BaseException]] = [ConnectionError, asyncio.TimeoutError]
+
+# What a driver's own errors stand for, added by the module that loads the driver
+# (chat_common.db for PostgreSQL), so a service without a database loads no database driver.
+Classifier = Callable[[BaseException], "AppError | None"]
+_CLASSIFIERS: list[Classifier] = []
 
 
 def register_unavailable(*kinds: type[BaseException]) -> None:
     """Errors of these kinds (anywhere in the cause chain) are answered 503, not 500."""
     _UNAVAILABLE.extend(kind for kind in kinds if kind not in _UNAVAILABLE)
+
+
+def register_classifier(classify: Classifier) -> None:
+    """``classify(cause)`` names the client-facing error of one exception of the cause chain,
+    or None when it does not know it. Asked first, for each cause in turn."""
+    if classify not in _CLASSIFIERS:
+        _CLASSIFIERS.append(classify)
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
@@ -231,23 +228,13 @@ def classify_unexpected(exc: BaseException) -> AppError | None:
     Input is validated before it reaches the database; this is the net under that, so a value
     the checks missed is still a client error and an outage is a 503, never a traceback."""
     chain = _causes(exc)
+    for classify in _CLASSIFIERS:
+        for cause in chain:
+            known = classify(cause)
+            if known is not None:
+                return known
     for cause in chain:
-        # asyncpg's own errors carry the SQLSTATE; SQLAlchemy's wrap one of those as ``orig``
-        sqlstate = str(getattr(cause, "sqlstate", None) or getattr(getattr(cause, "orig", None), "sqlstate", None) or "")
-        if sqlstate in TRANSIENT_SQLSTATES:
-            return ServiceUnavailableError("database busy; retry the request")
-        if isinstance(cause, asyncpg.PostgresError) and sqlstate.startswith(_OUTAGE_SQLSTATE_CLASSES):
-            return ServiceUnavailableError("a dependency is unavailable; retry the request")
-    for cause in chain:
-        if isinstance(cause, (IntegrityError, asyncpg.IntegrityConstraintViolationError)):
-            return ConflictError("the request conflicts with stored data")
-        if isinstance(cause, (DataError, asyncpg.DataError)):
-            return BadRequestError("a value in the request is out of range or malformed")
-        if isinstance(cause, asyncpg.InterfaceError):  # the connection closed or was lost mid-call
-            return ServiceUnavailableError("a dependency is unavailable; retry the request")
-        if isinstance(cause, tuple(_UNAVAILABLE)) or (
-            isinstance(cause, DBAPIError) and cause.connection_invalidated
-        ):
+        if isinstance(cause, tuple(_UNAVAILABLE)):
             return ServiceUnavailableError("a dependency is unavailable; retry the request")
         # msgspec raises UnicodeDecodeError (not a DecodeError) for a body that is not UTF-8.
         if isinstance(cause, UnicodeDecodeError):

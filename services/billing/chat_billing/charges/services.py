@@ -18,9 +18,9 @@ import asyncpg
 from chat_billing.charges.schemas import ChargeBatchIn, ChargeIn
 from chat_billing.metrics import LEDGER_OPERATIONS, count_charge
 from chat_billing.pg import Pg
-from chat_common.errors import TRANSIENT_SQLSTATES
 from chat_billing.reservations.services import SETTLE, receipt_json
 from chat_common.contracts import ChargeBatchResult, ChargeResult
+from chat_common.db import TRANSIENT_SQLSTATES
 
 # Both kinds in one round trip: 't' rows are reservations, 's' rows summary keys.
 DONE = (
