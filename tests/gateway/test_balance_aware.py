@@ -195,6 +195,34 @@ async def test_a_streamed_balance_aware_turn_is_cut_the_same_way(stack: Stack) -
     assert_books_balance(stack, user)
 
 
+async def test_racing_balance_aware_turns_never_take_more_than_the_balance(stack: Stack) -> None:
+    second: ServiceProcess = start_gateway(stack)
+    try:
+        urls = [gateway_url(stack), ws_url(second)]
+        start = 2 * held_for(stack, RESERVE_OUTPUT) + held_for(stack, 200)  # two full holds and a bit
+        user = new_user(stack, balance=start / 1e9)
+        switch(stack, "--user-id", user, "on")
+
+        async def one(index: int) -> dict[str, Any]:
+            async with connect(urls[index % 2]) as client:
+                return await client.chat(user, "NEW", f"r{index} {MESSAGE}")
+
+        replies = await asyncio.gather(*(one(i) for i in range(12)))
+    finally:
+        second.stop()
+    admitted = [r for r in replies if "error" not in r]
+    refused = [r for r in replies if "error" in r]
+    assert admitted and refused and all(r["code"] == INSUFFICIENT_BALANCE for r in refused), replies
+    rows = ledger(stack, user)
+    holds = {r["reservation_id"]: -r["amount_nanos"] for r in rows if r["kind"] == "reserve"}
+    settles = [r for r in rows if r["kind"] == "settle"]
+    assert len(settles) == len(holds) == len(admitted)
+    assert all(r["charged_nanos"] <= holds[r["reservation_id"]] for r in settles)
+    assert sum(r["charged_nanos"] for r in settles) <= start
+    money = assert_books_balance(stack, user)
+    assert money["balance_nanos"] == start - sum(r["charged_nanos"] for r in settles)
+
+
 # -- what the AI was asked (a stand-in that records it) ------------------------------------------
 
 
