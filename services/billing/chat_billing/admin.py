@@ -16,7 +16,7 @@ from chat_billing.inputs import parse_uuid
 from chat_billing.pg import Pg
 from chat_billing.users.services import require_known_models
 from chat_common import contracts as c
-from chat_common.db import quote_ident, tables_with_columns
+from chat_common.db import delete_naming, tables_with_columns
 from chat_common.errors import BadRequestError, ConflictError, NotFoundError
 
 # A ledger of many years goes in one body.
@@ -183,10 +183,7 @@ class BillingAdmin:
                 if "user_id" in cols and t not in ERASE_FIRST and t not in ("users", "ledger")
             )
             for table in order:
-                status = await connection.execute(
-                    f"DELETE FROM {quote_ident(table)} WHERE user_id::text = $1", str(user_id)
-                )
-                removed[f"{schema}.{table}"] = _count(status)
+                removed[f"{schema}.{table}"] = await delete_naming(connection, table, user_id=str(user_id))
             removed[f"{schema}.idempotency"] = _count(await connection.execute(ERASE_IDEMPOTENCY, str(user_id)))
             removed[f"{schema}.users"] = _count(await connection.execute("DELETE FROM users WHERE id = $1", user_id))
             moved = _count(await connection.execute(PSEUDONYMIZE, user_id, pseudonym))

@@ -142,5 +142,24 @@ async def tables_with_columns(connection: Any, schema: str) -> dict[str, set[str
     return {row[0]: set(row[1]) for row in rows}
 
 
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+async def delete_naming(
+    connection: Any, table: str, *, user_id: str | None = None, session_ids: list[str] | None = None
+) -> int:
+    """``DELETE FROM <table>`` (of the connection's search_path) every row whose ``user_id`` is
+    ``user_id`` or whose ``session_id`` is one of ``session_ids`` (text comparison, whatever
+    the column types); returns how many. The table name, found by :func:`tables_with_columns`,
+    must be a plain identifier; the values are parameters. The one place a service's erase
+    builds a statement."""
+    check_schema_name(table)
+    conditions: list[str] = []
+    args: list[Any] = []
+    if user_id is not None:
+        args.append(user_id)
+        conditions.append(f"user_id::text = ${len(args)}")
+    if session_ids is not None:
+        args.append(session_ids)
+        conditions.append(f"session_id::text = ANY(${len(args)}::text[])")
+    if not conditions:
+        raise ValueError("delete_naming needs a user_id or session_ids")
+    status = await connection.execute(f'DELETE FROM "{table}" WHERE {" OR ".join(conditions)}', *args)
+    return int(status.rsplit(" ", 1)[1])

@@ -16,7 +16,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 
 from chat_common import contracts as c
-from chat_common.db import quote_ident, tables_with_columns
+from chat_common.db import delete_naming, tables_with_columns
 from chat_common.errors import BadRequestError, ConflictError, NotFoundError
 from chat_sessions.sessions.services import SessionsService, clean_text
 
@@ -39,6 +39,7 @@ SELECT t.session_id::text, t.turn_id::text, t.first_seq, t.count, t.created_at
  WHERE s.user_id = $1 ORDER BY t.session_id, t.first_seq
 """
 SESSION_IDS = "SELECT id FROM sessions WHERE user_id = $1"
+LOCK_SESSIONS = "SELECT id FROM sessions WHERE user_id = $1 FOR UPDATE"
 TURN_IDS = "SELECT DISTINCT t.turn_id::text FROM turns t JOIN sessions s ON s.id = t.session_id WHERE s.user_id = $1"
 OWED = """
 SELECT key, kind, session_id::text, turn_id::text, cost_nanos, reservation_id, model_name, receipt::text
@@ -181,25 +182,20 @@ class SessionsAdmin:
         removed: dict[str, int] = {}
         async with self.pool.acquire() as connection, connection.transaction():
             tables = await tables_with_columns(connection, schema)
-            session_ids = [r[0] for r in await connection.fetch(SESSION_IDS + " FOR UPDATE", user_id)]
+            session_ids = [r[0] for r in await connection.fetch(LOCK_SESSIONS, user_id)]
             ids_text = [str(s) for s in session_ids]
             # Rows tied to a session first (entries and turns would go by cascade; counted here),
             # then rows naming the user, then the sessions themselves.
             for table, columns in tables.items():
                 if table == "sessions" or "session_id" not in columns:
                     continue
-                where = "session_id::text = ANY($1::text[])"
-                args: list[Any] = [ids_text]
-                if "user_id" in columns:
-                    where = f"({where} OR user_id::text = $2)"
-                    args.append(str(user_id))
-                status = await connection.execute(f"DELETE FROM {quote_ident(table)} WHERE {where}", *args)
-                removed[f"{schema}.{table}"] = int(status.rsplit(" ", 1)[1])
+                removed[f"{schema}.{table}"] = await delete_naming(
+                    connection, table, session_ids=ids_text, user_id=str(user_id) if "user_id" in columns else None
+                )
             for table, columns in tables.items():
                 if table == "sessions" or "session_id" in columns or "user_id" not in columns:
                     continue
-                status = await connection.execute(f"DELETE FROM {quote_ident(table)} WHERE user_id::text = $1", str(user_id))
-                removed[f"{schema}.{table}"] = int(status.rsplit(" ", 1)[1])
+                removed[f"{schema}.{table}"] = await delete_naming(connection, table, user_id=str(user_id))
             status = await connection.execute("DELETE FROM sessions WHERE user_id = $1", user_id)
             removed[f"{schema}.sessions"] = int(status.rsplit(" ", 1)[1])
         return c.Removed(removed=removed)
