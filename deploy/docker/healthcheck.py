@@ -1,7 +1,8 @@
-"""Container health check: ``python /opt/chat/healthcheck.py <service> [path]``.
+"""Container health check: ``python /opt/chat/healthcheck.py [<service> [path]]``.
 
 Exit 0 when the service inside this container answers, 1 otherwise. Used by the images'
-HEALTHCHECK and by docker-compose.yml. Standard library only for the HTTP services (the
+HEALTHCHECK (without arguments: the service named by ``CHAT_SERVICE``, which the image sets)
+and by docker-compose.yml. Standard library only for the HTTP services (the
 images carry no curl); the AI service is asked over the standard gRPC health protocol
 (``grpc.health.v1.Health/Check``) with grpcio, which the image already has.
 
@@ -61,6 +62,8 @@ def check_grpc(port: int) -> bool:
 
 
 def main(argv: list[str]) -> int:
+    if not argv and os.environ.get("CHAT_SERVICE"):
+        argv = [os.environ["CHAT_SERVICE"]]
     if not argv or argv[0] not in PORTS:
         print(f"usage: healthcheck.py {{{'|'.join(PORTS)}}} [path]", file=sys.stderr)
         return 2

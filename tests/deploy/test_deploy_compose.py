@@ -63,8 +63,9 @@ def test_images_are_ours_or_pinned(compose) -> None:
             assert build.get("context") in (".", "./"), f"{name}: build from the repository root"
             dockerfile = ROOT / build["dockerfile"]
             assert dockerfile.is_file(), f"{name}: {dockerfile} missing"
-            assert dockerfile == DOCKER_DIR / f"{match['svc']}.Dockerfile", (
-                f"{name}: image {image} must be built from deploy/docker/{match['svc']}.Dockerfile"
+            assert dockerfile == DOCKER_DIR / "Dockerfile", f"{name}: build from deploy/docker/Dockerfile"
+            assert (build.get("args") or {}).get("SERVICE") == match["svc"], (
+                f"{name}: image {image} must be built with SERVICE={match['svc']}"
             )
         else:
             match = OUR_IMAGE.match(image) or PUBLIC_IMAGE.match(image)

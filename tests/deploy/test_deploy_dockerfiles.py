@@ -1,24 +1,63 @@
-"""deploy/docker/<service>.Dockerfile: one per service, multi-stage, pinned bases, a non-root
-user, a HEALTHCHECK through deploy/docker/healthcheck.py, and the same entry point as a local
-run (`python -m chat_<service>`). Also the .dockerignore keeps secrets and local state out of
-the build context without hiding what the Dockerfiles copy."""
+"""deploy/docker/Dockerfile: one recipe for every service (build arguments SERVICE and PORT, as
+docker-compose.yml passes them), multi-stage, pinned bases, a non-root user, a HEALTHCHECK
+through deploy/docker/healthcheck.py, and the same entry point as a local run (the service's
+console script, `python -m chat_<service>`). Also the .dockerignore keeps secrets and local
+state out of the build context without hiding what the Dockerfile copies."""
 from __future__ import annotations
 
 import json
 import re
 import shlex
+import tomllib
 
 import pytest
 
-from deploy_support import DOCKER_DIR, DOCKERIGNORE, ROOT, SERVICES, Svc, parse_dockerfile, stages
+from deploy_support import (
+    COMPOSE_FILE,
+    DOCKER_DIR,
+    DOCKERIGNORE,
+    ROOT,
+    SERVICES,
+    Instruction,
+    Svc,
+    load_healthcheck,
+    load_yaml,
+    parse_dockerfile,
+    stages,
+)
 
 PINNED_BASE = re.compile(r"^(?:[a-z0-9.-]+(?::\d+)?/)?[a-z0-9._/-]+:(?P<tag>[A-Za-z0-9_.-]+)(?:@sha256:[0-9a-f]{64})?$")
+DOCKERFILE = DOCKER_DIR / "Dockerfile"
+_VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
 
 
-def dockerfile(svc: Svc):
-    path = DOCKER_DIR / f"{svc.name}.Dockerfile"
-    assert path.is_file(), f"{path} missing (one Dockerfile per service)"
-    return parse_dockerfile(path)
+def build_args(svc: Svc) -> dict[str, str]:
+    """The build arguments docker-compose.yml builds the service's image with."""
+    build = load_yaml(COMPOSE_FILE)["services"][svc.name]["build"]
+    return {key: str(value) for key, value in (build.get("args") or {}).items()}
+
+
+def dockerfile(svc: Svc) -> list[Instruction]:
+    """The recipe as built for ``svc``: its ARG and ENV values substituted where Docker does."""
+    assert DOCKERFILE.is_file(), f"{DOCKERFILE} missing"
+    values = dict(build_args(svc))
+
+    def substitute(text: str) -> str:
+        return _VARIABLE.sub(lambda m: values.get(m[1] or m[2], m[0]), text)
+
+    resolved = []
+    for instruction in parse_dockerfile(DOCKERFILE):
+        if instruction.keyword == "ARG":
+            name, _, default = instruction.args.partition("=")
+            values.setdefault(name, default)
+        args = instruction.args
+        if instruction.keyword in ("FROM", "LABEL", "ENV", "EXPOSE", "COPY", "USER", "WORKDIR"):
+            args = substitute(args)
+        if instruction.keyword == "ENV":
+            for name, value in re.findall(r"(\w+)=(\S+)", args):
+                values[name] = value
+        resolved.append(Instruction(instruction.keyword, args, instruction.line))
+    return resolved
 
 
 def exec_form(args: str) -> list[str]:
@@ -27,6 +66,12 @@ def exec_form(args: str) -> list[str]:
     value = json.loads(args)
     assert isinstance(value, list) and all(isinstance(v, str) for v in value), args
     return value
+
+
+def test_one_recipe_for_every_service() -> None:
+    assert sorted(p.name for p in DOCKER_DIR.iterdir() if "Dockerfile" in p.name) == ["Dockerfile"]
+    for svc in SERVICES.values():
+        assert build_args(svc) == {"SERVICE": svc.name, "PORT": str(svc.port)}, svc.name
 
 
 @pytest.mark.parametrize("svc", SERVICES.values(), ids=list(SERVICES))
@@ -76,7 +121,12 @@ def test_healthcheck(svc: Svc) -> None:
     assert len(checks) == 1 and checks[0].upper() != "NONE", "one HEALTHCHECK in the runtime stage"
     _, _, command = checks[0].partition("CMD ")
     argv = exec_form(command.strip())
-    assert argv[:2] == ["python", "/opt/chat/healthcheck.py"] and argv[2] == svc.name, argv
+    assert argv[:2] == ["python", "/opt/chat/healthcheck.py"], argv
+    if len(argv) == 2:  # the service named by the image's CHAT_SERVICE
+        env = dict(re.findall(r"(\w+)=(\S+)", " ".join(i.args for i in runtime if i.keyword == "ENV")))
+        assert env.get("CHAT_SERVICE") == svc.name, env
+    else:
+        assert argv[2] == svc.name, argv
     copies = [i.args for i in runtime if i.keyword == "COPY"]
     assert any("deploy/docker/healthcheck.py" in c and c.split()[-1] == "/opt/chat/healthcheck.py" for c in copies)
 
@@ -87,7 +137,14 @@ def test_entry_point_is_the_local_one(svc: Svc) -> None:
     entrypoints = [exec_form(i.args) for i in runtime if i.keyword == "ENTRYPOINT"]
     cmds = [exec_form(i.args) for i in runtime if i.keyword == "CMD"]
     argv = (entrypoints[-1] if entrypoints else []) + (cmds[-1] if cmds else [])
-    assert argv == ["python", "-m", svc.module], f"runs {argv}, a local run runs python -m {svc.module}"
+    # chat-service: the builder links it to the service's own console script, which runs the
+    # module's main() as `python -m chat_<service>` does
+    assert argv == ["chat-service"], argv
+    builder = stages(dockerfile(svc))[0]
+    link = [i.args for i in builder if i.keyword == "RUN" and "/opt/venv/bin/chat-service" in i.args]
+    assert link and 'ln -s "/opt/venv/bin/chat-${SERVICE}" /opt/venv/bin/chat-service' in link[0], link
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts[f"chat-{svc.name}"] == f"{svc.module}.__main__:main", scripts
     exposed = [p.split("/")[0] for i in runtime if i.keyword == "EXPOSE" for p in i.args.split()]
     assert exposed == [str(svc.port)], f"EXPOSE {exposed}, the service listens on {svc.port}"
 
@@ -147,3 +204,16 @@ def test_dockerignore_keeps_what_is_copied(svc: Svc) -> None:
             source = source.rstrip("/")
             assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
             assert not ignored(source), f"COPY {source}: excluded by .dockerignore"
+
+
+def test_healthcheck_names_its_service_from_the_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    healthcheck = load_healthcheck()
+    monkeypatch.delenv("CHAT_SERVICE", raising=False)
+    assert healthcheck.main([]) == 2  # no service named anywhere: usage
+    monkeypatch.setenv("CHAT_SERVICE", "nonsense")
+    assert healthcheck.main([]) == 2
+    asked: list[tuple[int, str]] = []
+    monkeypatch.setattr(healthcheck, "check_http", lambda port, path: asked.append((port, path)) or True)
+    monkeypatch.setenv("CHAT_SERVICE", "billing")
+    monkeypatch.delenv("BILLING_PORT", raising=False)
+    assert healthcheck.main([]) == 0 and asked == [(8003, "/health")]
