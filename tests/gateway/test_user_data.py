@@ -265,6 +265,8 @@ async def test_export_then_import_into_a_fresh_system_answers_as_before(
     assert summary
     downloaded = download(stack.gateway_url, file_name)
     assert downloaded[0] == 200 and downloaded[1] == made["file_bytes"]
+    listed = internal(stack, "files", "GET", f"/v1/admin/users/{user}/files")["files"]
+    assert [(f["file_name"], f["size"], f["content_base64"]) for f in listed] == [(file_name, len(made["file_bytes"]), "")]
 
     stack.admin("PUT", f"/v1/users/{user}/balance-aware", {"enabled": False})
     out = tmp_path / "user.json"

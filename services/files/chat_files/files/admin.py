@@ -38,15 +38,17 @@ class FilesAdmin:
         self.service = service
         self.storage: ObjectStorage = service.storage
 
-    async def export(self, user_id: uuid.UUID) -> c.FilesExport:
+    async def export(self, user_id: uuid.UUID, *, content: bool = True) -> c.FilesExport:
         async with self.service.engine.connect() as conn:
             rows = (
                 await conn.execute(select(files).where(files.c.user_id == user_id).order_by(files.c.created_at, files.c.file_name))
             ).all()
         out: list[c.ExportedFile] = []
         for row in rows:
-            chunks = await self.storage.open(row.object_key)
-            data = b"".join([chunk async for chunk in chunks])
+            data = b""
+            if content:
+                chunks = await self.storage.open(row.object_key)
+                data = b"".join([chunk async for chunk in chunks])
             out.append(
                 c.ExportedFile(
                     file_name=row.file_name, session_id=None if row.session_id is None else str(row.session_id),
@@ -122,6 +124,11 @@ class FilesAdminController(Controller):
 
     path = "/v1/admin/users"
     tags = ["admin"]
+
+    @get("/{user_id:str}/files")
+    async def list_files(self, files_admin: Admin, user_id: FromPath[str]) -> c.FilesExport:
+        """Every file of the user, metadata only (``content_base64`` empty), oldest first."""
+        return await files_admin.export(_user(user_id), content=False)
 
     @get("/{user_id:str}/files/export")
     async def export_files(self, files_admin: Admin, user_id: FromPath[str]) -> c.FilesExport:
