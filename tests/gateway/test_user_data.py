@@ -23,6 +23,7 @@ import redis
 from minio import Minio
 
 from chat_common.db import plain_dsn
+from chat_gateway.admin import erasure_subject
 from devstack.servers import RedisServer, free_port
 from devstack.stack import Infrastructure, Ports, Stack, wait_ready
 
@@ -412,16 +413,27 @@ async def test_erase_cut_short_by_a_killed_service_is_finished_by_the_next_run(s
     base = f"http://127.0.0.1:{gateway.port}"
     try:
         victim = await make_history(stack, f"cut{uuid.uuid4().hex[:6]}")
+        # a second one whose progress record will be lost (as under a rotated SERVICE_TOKEN)
+        orphan = await make_history(stack, f"orp{uuid.uuid4().hex[:6]}")
         other = await make_history(stack, f"cnt{uuid.uuid4().hex[:6]}")
         user = victim["user"]
         files.kill_tree()
-        failed = chat_admin(base, stack.service_token, "erase-user", "--user-id", user)
-        assert failed.returncode != 0 and failed.stdout == ""
-        assert len(failed.stderr.strip().splitlines()) == 1
+        for someone in (user, orphan["user"]):
+            failed = chat_admin(base, stack.service_token, "erase-user", "--user-id", someone)
+            assert failed.returncode != 0 and failed.stdout == ""
+            assert len(failed.stderr.strip().splitlines()) == 1
         # cut short after billing and sessions: the user is unknown already, the file still there
         async with connect(ws_url(gateway)) as client:
             assert "error" in await client.request(0, user_id=user)
         assert download(stack.gateway_url, victim["file"])[1] == victim["file_bytes"]
+        connection = await asyncpg.connect(plain_dsn(stack.infra.database_url))
+        try:
+            lost = await connection.execute(
+                "DELETE FROM sessions.erasures WHERE subject = $1", erasure_subject(stack.service_token, orphan["user"])
+            )
+            assert lost == "DELETE 1"
+        finally:
+            await connection.close()
 
         files.start()
         report = admin_ok(base, stack.service_token, "erase-user", "--user-id", user)
@@ -430,6 +442,10 @@ async def test_erase_cut_short_by_a_killed_service_is_finished_by_the_next_run(s
         assert report["objects"] == 1 and report["postgres"]["files.files"] == 1
         assert report["postgres"]["billing.users"] == 0  # done by the first run
         await no_trace(stack, user, victim["texts"], [victim["file_bytes"]], other)
+        # without its record, an erase is still finished while anything of the user is left
+        report = admin_ok(base, stack.service_token, "erase-user", "--user-id", orphan["user"])
+        assert not report["resumed"] and report["objects"] == 1
+        await no_trace(stack, orphan["user"], orphan["texts"], [orphan["file_bytes"]], other)
     finally:
         gateway.stop()
         files.stop()

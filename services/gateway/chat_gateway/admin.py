@@ -244,10 +244,16 @@ class UserAdmin:
         subject = erasure_subject(self.secret, user_id)
         pseudonym = pseudonym_for(self.secret, user_id)
         before = await ctx.sessions.erasure(subject)
-        if before is None:
-            await ctx.billing.user(user_id)  # 404: no such user, and no erase of it ever started
-        record = await ctx.sessions.erasure_start(subject)
         keys = await ctx.sessions.user_keys(user_id)
+        if before is None:
+            try:
+                await ctx.billing.user(user_id)
+            except NotFoundError:
+                # No user and no record of an erase (a record kept under a token since rotated
+                # cannot be found): go on only if something of the user is left to remove.
+                if not keys.session_ids and not keys.owed and not (await ctx.files.list_user(user_id)).files:
+                    raise NotFoundError("user not found, and no erase of it was started") from None
+        record = await ctx.sessions.erasure_start(subject)
         postgres: dict[str, int] = {}
         pseudonymized: dict[str, int] = {}
         objects = 0

@@ -239,6 +239,10 @@ class FilesClient(_Typed):
 
     # -- per-user administration ------------------------------------------------------------------
 
+    async def list_user(self, user_id: str) -> c.FilesExport:
+        """The user's files without their bytes."""
+        return await self._call("GET", f"/v1/admin/users/{_path_part(user_id)}/files", c.FilesExport)
+
     async def export_user(self, user_id: str) -> c.FilesExport:
         return await self._call("GET", f"/v1/admin/users/{_path_part(user_id)}/files/export", c.FilesExport)
 
