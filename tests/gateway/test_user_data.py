@@ -102,10 +102,18 @@ def masked(value: Any, *ids: str) -> str:
 
 
 async def postgres_hits(stack: Stack, needles: list[str]) -> list[str]:
-    """Every table of every schema (rows cast to text) that holds one of ``needles``."""
+    """Every table of every schema (rows cast to text) that holds one of ``needles``, and the
+    planner's statistics (pg_stats: values sampled from the rows)."""
     connection = await asyncpg.connect(plain_dsn(stack.infra.database_url))
     hits: list[str] = []
     try:
+        for needle in needles:
+            for row in await connection.fetch(
+                "SELECT schemaname, tablename, attname FROM pg_stats WHERE strpos("
+                " coalesce(most_common_vals::text, '') || coalesce(histogram_bounds::text, ''), $1) > 0",
+                needle,
+            ):
+                hits.append(f"pg_stats {row['schemaname']}.{row['tablename']}.{row['attname']} holds {needle[:40]!r}")
         tables = await connection.fetch(
             "SELECT table_schema, table_name FROM information_schema.tables"
             " WHERE table_type = 'BASE TABLE' AND table_schema NOT IN ('pg_catalog', 'information_schema')"
@@ -325,8 +333,13 @@ async def test_erase_leaves_no_trace_spares_others_and_may_be_repeated(stack: St
     other_before = await answers(stack.ws_url, other["user"], other["sessions"])
     stranger, stranger_session = str(uuid.uuid4()), str(uuid.uuid4())
     unknown = await answers(stack.ws_url, stranger, [stranger_session])
-    # before: the victim is everywhere
-    assert await postgres_hits(stack, [user]) != []
+    # before: the victim is everywhere, the planner's statistics included
+    connection = await asyncpg.connect(plain_dsn(stack.infra.database_url))
+    try:
+        await connection.execute("ANALYZE")
+    finally:
+        await connection.close()
+    assert any(hit.startswith("pg_stats") for hit in await postgres_hits(stack, [user]))
     assert redis_hits(stack, [user]) != []
 
     # a charge still owed in the outbox (as a summary whose inline charge failed leaves it)

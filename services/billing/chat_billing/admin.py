@@ -16,7 +16,7 @@ from chat_billing.inputs import parse_uuid
 from chat_billing.pg import Pg
 from chat_billing.users.services import require_known_models
 from chat_common import contracts as c
-from chat_common.db import delete_naming, tables_with_columns
+from chat_common.db import delete_naming, refresh_statistics, tables_with_columns
 from chat_common.errors import BadRequestError, ConflictError, NotFoundError
 
 # A ledger of many years goes in one body.
@@ -187,6 +187,9 @@ class BillingAdmin:
             removed[f"{schema}.idempotency"] = _count(await connection.execute(ERASE_IDEMPOTENCY, str(user_id)))
             removed[f"{schema}.users"] = _count(await connection.execute("DELETE FROM users WHERE id = $1", user_id))
             moved = _count(await connection.execute(PSEUDONYMIZE, user_id, pseudonym))
+            changed = [key.split(".", 1)[1] for key, n in removed.items() if n] + (["ledger"] if moved else [])
+            if changed:
+                await refresh_statistics(connection, changed)
         return c.Removed(removed=removed, pseudonymized={f"{schema}.ledger": moved})
 
 

@@ -163,3 +163,12 @@ async def delete_naming(
         raise ValueError("delete_naming needs a user_id or session_ids")
     status = await connection.execute(f'DELETE FROM "{table}" WHERE {" OR ".join(conditions)}', *args)
     return int(status.rsplit(" ", 1)[1])
+
+
+async def refresh_statistics(connection: Any, tables: list[str]) -> None:
+    """``ANALYZE`` these tables (of the connection's search_path): after an erase, so that the
+    planner's statistics (pg_statistic's most common values and histogram bounds, sampled from
+    the rows) no longer carry values of rows that are gone."""
+    for table in sorted(set(tables)):
+        check_schema_name(table)
+        await connection.execute(f'ANALYZE "{table}"')

@@ -112,6 +112,9 @@ class FilesAdmin:
                 raise ServiceUnavailableError(f"could not remove {len(failed)} objects: {failed[0]}")
         async with self.service.engine.begin() as conn:
             result = await conn.execute(delete(files).where(files.c.user_id == user_id))
+            if result.rowcount:
+                # the planner's statistics must not keep sampled values of the rows gone
+                await conn.exec_driver_sql("ANALYZE files")
         schema = self.service.settings.db_schema
         return c.Removed(removed={f"{schema}.files": result.rowcount or 0}, objects=len(keys))
 

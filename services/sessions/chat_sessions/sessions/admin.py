@@ -16,7 +16,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 
 from chat_common import contracts as c
-from chat_common.db import delete_naming, tables_with_columns
+from chat_common.db import delete_naming, refresh_statistics, tables_with_columns
 from chat_common.errors import BadRequestError, ConflictError, NotFoundError
 from chat_sessions.sessions.services import SessionsService, clean_text
 
@@ -198,6 +198,8 @@ class SessionsAdmin:
                 removed[f"{schema}.{table}"] = await delete_naming(connection, table, user_id=str(user_id))
             status = await connection.execute("DELETE FROM sessions WHERE user_id = $1", user_id)
             removed[f"{schema}.sessions"] = int(status.rsplit(" ", 1)[1])
+            if any(removed.values()):
+                await refresh_statistics(connection, [key.split(".", 1)[1] for key, n in removed.items() if n])
         return c.Removed(removed=removed)
 
     # -- the erase's progress record -------------------------------------------------------------
