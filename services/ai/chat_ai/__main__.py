@@ -1,17 +1,18 @@
 """``python -m chat_ai``: serve until SIGTERM/SIGINT, then drain calls in flight for
-``SHUTDOWN_GRACE_SECONDS``."""
+``SHUTDOWN_GRACE_SECONDS`` (chat_common.entry: the same arguments and exit codes as every
+service; it owns no tables, so it has no ``migrate`` command)."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Sequence
 
 from chat_ai.server import start_server, stop_server
 from chat_ai.settings import AISettings
-from chat_common.logging import configure_logging
+from chat_common.entry import run_service
 from chat_common.tracing import configure_tracing, shutdown_tracing
-from chat_common.settings import env_str
 
 logger = logging.getLogger("chat_ai")
 
@@ -33,23 +34,16 @@ async def serve(settings: AISettings) -> None:
     logger.info("AI service stopped")
 
 
-def main() -> int:
-    try:
-        configure_logging("ai", env_str("LOG_LEVEL", "INFO"))
-        settings = AISettings.from_env()
-    except ValueError as exc:
-        configure_logging("ai", "INFO")
-        logger.error("invalid configuration: %s", exc)
-        return 2
+def serve_ai(settings: AISettings) -> None:
     configure_tracing("ai")
     try:
         asyncio.run(serve(settings))
-    except OSError as exc:
-        logger.error("cannot start: %s", exc)
-        return 1
     finally:
         shutdown_tracing()
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_service("ai", argv, load=AISettings.from_env, serve=serve_ai)
 
 
 if __name__ == "__main__":

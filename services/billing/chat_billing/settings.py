@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from chat_common.db import check_schema_name
-from chat_common.settings import ServiceSettings, database_url, env_float, env_int, env_str
+from chat_common.settings import ServiceSettings, database_url, env_bool, env_float, env_int, env_str
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,7 @@ class BillingSettings:
     reservation_sweep_seconds: float = 5.0
     db_pool_size: int = 20
     db_max_overflow: int = 0
+    migrate_on_start: bool = True
 
     def __post_init__(self) -> None:
         check_schema_name(self.db_schema)
@@ -38,4 +39,5 @@ class BillingSettings:
             reservation_sweep_seconds=env_float("RESERVATION_SWEEP_SECONDS", 5.0),
             db_pool_size=env_int("BILLING_DB_POOL_SIZE", 20),
             db_max_overflow=env_int("BILLING_DB_MAX_OVERFLOW", 0),
+            migrate_on_start=env_bool("MIGRATE_ON_START", True),
         )

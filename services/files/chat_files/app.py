@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -23,6 +24,9 @@ logger = logging.getLogger(__name__)
 # an unreachable bucket is an outage (503), like an unreachable database
 register_unavailable(StorageError)
 
+# How long a starting service waits for an object store that starts beside it.
+BUCKET_WAIT_SECONDS = 30.0
+
 
 async def _sweep_forever(service: FilesService, every: float) -> None:
     while True:
@@ -35,6 +39,21 @@ async def _sweep_forever(service: FilesService, every: float) -> None:
             logger.warning("file sweep failed: %s: %s", type(exc).__name__, exc)
 
 
+async def _ensure_bucket(storage: ObjectStorage, bucket: str) -> None:
+    """Create the bucket, waiting a while for an object store that starts beside us; then
+    serve anyway (readiness reports the bucket until it is reachable)."""
+    deadline = time.monotonic() + BUCKET_WAIT_SECONDS
+    while True:
+        try:
+            await storage.ensure_bucket()
+            return
+        except StorageError as exc:
+            if time.monotonic() > deadline:
+                logger.warning("could not ensure bucket %s: %s", bucket, exc)
+                return
+            await asyncio.sleep(1.0)
+
+
 def create_app(settings: FilesSettings | None = None) -> Litestar:
     settings = settings or FilesSettings.from_env()
     engine = make_engine(settings.database_url, settings.db_schema)
@@ -44,11 +63,7 @@ def create_app(settings: FilesSettings | None = None) -> Litestar:
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
-        try:
-            await storage.ensure_bucket()
-        except StorageError as exc:
-            # Start anyway: readiness reports the bucket until it is reachable.
-            logger.warning("could not ensure bucket %s: %s", settings.s3_bucket, exc)
+        await _ensure_bucket(storage, settings.s3_bucket)
         sweeper = None
         if settings.file_sweep_seconds > 0:
             sweeper = asyncio.create_task(_sweep_forever(service, settings.file_sweep_seconds))

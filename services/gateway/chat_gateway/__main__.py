@@ -1,38 +1,31 @@
+"""``python -m chat_gateway`` serves the WebSocket gateway (chat_common.entry); it owns no
+tables, so it has no ``migrate`` command."""
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 
+from chat_common.entry import InvalidConfiguration, run_service
 from chat_common.logging import configure_logging
 from chat_common.serve import serve
-from chat_common.settings import env_str
 from chat_gateway.app import create_app
-from chat_gateway.auth import check_configuration
 from chat_gateway.settings import GatewaySettings
 
 logger = logging.getLogger("chat_gateway")
 
 
-def main() -> int:
-    # Before anything can fail or warn, so those lines are JSON on stdout like all others.
+def serve_gateway(settings: GatewaySettings) -> None:
     try:
-        configure_logging("gateway", env_str("LOG_LEVEL", "INFO").upper())
-    except ValueError as exc:
-        print(f"invalid configuration: {exc}", file=sys.stderr)
-        return 2
-    try:
-        settings = GatewaySettings.from_env()
-        notes = check_configuration(settings)
-    except ValueError as exc:
-        logger.error("invalid configuration: %s", exc)
-        return 2
-    app = create_app(settings)
+        app = create_app(settings)
+    except ValueError as exc:  # building checks the authentication setup (chat_gateway.auth)
+        raise InvalidConfiguration(str(exc)) from exc
     # Litestar installs its own root handler while building the app: take logging back, so
     # the warnings below are JSON lines like every other.
     configure_logging("gateway", settings.service.log_level)
     if settings.auth_mode == "none":
         logger.warning("AUTH_MODE=none: the user_id inside each message is trusted; use only for local runs")
-    for note in notes:
+    for note in app.state.configuration_notes:
         logger.warning(note)
     serve(
         app,
@@ -46,7 +39,10 @@ def main() -> int:
         # reach this parser; the internal services, which carry the per-turn HTTP, use httptools.
         http_parser="h11",
     )
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_service("gateway", argv, load=GatewaySettings.from_env, serve=serve_gateway)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ from chat_gateway.ws.handlers import turn_runner, websocket_routes
 
 def create_app(settings: GatewaySettings | None = None) -> Litestar:
     settings = settings or GatewaySettings.from_env()
-    # A jwt configuration that could verify nothing stops the start, not the first request.
-    check_configuration(settings)
+    # A jwt configuration that could verify nothing stops the start (ValueError), not the
+    # first request; what it merely warns about is logged by __main__ once logging is set.
+    configuration_notes = check_configuration(settings)
     holder: dict[str, GatewayContext] = {}
 
     @asynccontextmanager
@@ -103,5 +104,6 @@ def create_app(settings: GatewaySettings | None = None) -> Litestar:
         debug=False,
     )
     app.state.settings = settings
+    app.state.configuration_notes = configuration_notes
     app.state.sockets = SocketRegistry()
     return app

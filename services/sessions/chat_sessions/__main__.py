@@ -1,10 +1,13 @@
+"""``python -m chat_sessions`` serves (migrating first unless MIGRATE_ON_START=false);
+``python -m chat_sessions migrate`` applies the migrations and exits (chat_common.entry)."""
 from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Sequence
 
 from chat_common.db import apply_migrations
-from chat_common.logging import configure_logging
+from chat_common.entry import run_service
 from chat_common.serve import serve
 from chat_sessions.app import create_app
 from chat_sessions.settings import SessionsSettings
@@ -14,15 +17,7 @@ def migrate(settings: SessionsSettings) -> list[str]:
     return asyncio.run(apply_migrations(settings.database_url, settings.db_schema, "chat_sessions"))
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    if args not in ([], ["migrate"]):
-        sys.exit(f"usage: python -m chat_sessions [migrate]  (got {' '.join(args)!r})")
-    settings = SessionsSettings.from_env()
-    configure_logging(settings.service.name, settings.service.log_level)
-    if args == ["migrate"]:
-        migrate(settings)
-        return
+def serve_sessions(settings: SessionsSettings) -> None:
     if settings.migrate_on_start:
         # Before uvicorn starts its loop: asyncio.run needs no running loop, and a replica
         # should not report ready on a schema it has not migrated.
@@ -30,5 +25,9 @@ def main(argv: list[str] | None = None) -> None:
     serve(create_app(settings), settings.service)
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_service("sessions", argv, load=SessionsSettings.from_env, serve=serve_sessions, migrate=migrate)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
