@@ -5,6 +5,10 @@ first transaction ends; if the first committed, the second finds the stored repl
 without touching anything; if the first failed (and rolled back), the second simply runs. Only
 successful replies are stored, so a refused call (say, 402) may be retried with the same key.
 
+What is stored is the reply's JSON (and the status the route answers it with); a replay decodes
+it back into the reply's own struct type, so services hand their controllers structs, never
+HTTP responses, and the reply encodes to the same bytes the first call sent.
+
 The turn's own calls do not come here: a reserve with ``turn_id`` is idempotent on the turn,
 settle and release on the reservation's state (see chat_billing.reservations.services).
 """
@@ -12,19 +16,20 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import msgspec
-from litestar import Response
 
 from chat_billing.pg import ConnectionPool
-from chat_billing.web import encode, json_reply
+from chat_billing.web import encode
 from chat_common.errors import ConflictError
 
 CLAIM = "INSERT INTO idempotency (key, fingerprint) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING RETURNING key"
 STORED = "SELECT fingerprint, status_code, response FROM idempotency WHERE key = $1"
 REMEMBER = "UPDATE idempotency SET status_code = $2, response = $3 WHERE key = $1"
+
+Reply = TypeVar("Reply", bound=msgspec.Struct)
 
 
 def fingerprint(operation: str, request: msgspec.Struct | None, *scope: object) -> str:
@@ -40,11 +45,14 @@ async def run_once(
     *,
     key: str | None,
     request_fingerprint: str,
+    reply_type: type[Reply],
     status_code: int,
-    work: Callable[[asyncpg.Connection], Awaitable[Any]],
-) -> Response[bytes]:
-    """Run ``work`` in one transaction, at most once per key; reply with its encoded result
-    (BEGIN, claim, the work, remember, COMMIT; without a key just the work in a transaction)."""
+    work: Callable[[asyncpg.Connection], Awaitable[Reply]],
+) -> Reply:
+    """Run ``work`` in one transaction, at most once per key, and return its result; a replay
+    returns the stored result decoded into ``reply_type`` (BEGIN, claim, the work, remember,
+    COMMIT; without a key just the work in a transaction). ``status_code`` is the status the
+    route answers with, recorded beside the reply."""
     async with pool.acquire() as connection, connection.transaction():
         if key is not None and await connection.fetchval(CLAIM, key, request_fingerprint) is None:
             stored = await connection.fetchrow(STORED, key)
@@ -52,8 +60,8 @@ async def run_once(
                 raise ConflictError(
                     "idempotency_key was already used for a different request", details={"idempotency_key": key}
                 )
-            return json_reply(stored["response"].encode(), stored["status_code"])
-        body = encode(await work(connection))
+            return msgspec.json.decode(stored["response"], type=reply_type)
+        reply = await work(connection)
         if key is not None:
-            await connection.execute(REMEMBER, key, status_code, body.decode())
-    return json_reply(body, status_code)
+            await connection.execute(REMEMBER, key, status_code, encode(reply).decode())
+    return reply

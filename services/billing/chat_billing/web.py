@@ -1,11 +1,11 @@
-"""The HTTP edge of billing: exact JSON decoding and JSON replies from already-encoded bytes."""
+"""The HTTP edge of billing: exact JSON decoding of request bodies."""
 from __future__ import annotations
 
 from decimal import Decimal
 from typing import Any
 
 import msgspec
-from litestar import MediaType, Request, Response
+from litestar import Request
 from litestar.types import Empty
 
 from chat_common.errors import BadRequestError
@@ -47,10 +47,6 @@ def _depth(value: Any) -> int:
             deepest = max(deepest, depth)
             pending.extend((child, depth + 1) for child in item)
     return deepest
-
-
-def json_reply(body: bytes, status_code: int = 200) -> Response[bytes]:
-    return Response(content=body, status_code=status_code, media_type=MediaType.JSON)
 
 
 def encode(value: Any) -> bytes:

@@ -2,11 +2,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from litestar import Controller, Response, get, post
+from litestar import Controller, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 
-from chat_billing.accounts.schemas import AmountRequest, BalanceReply, LedgerPage
+from chat_billing.accounts.schemas import AmountRequest, BalanceReply, LedgerEntryReply, LedgerPage
 from chat_billing.accounts.services import AccountService
 from chat_billing.inputs import parse_uuid
 
@@ -24,14 +24,14 @@ class AccountController(Controller):
     @post("/credit", status_code=200)
     async def credit(
         self, user_id: FromPath[str], data: JSONBody[AmountRequest], accounts: Accounts
-    ) -> Response[bytes]:
+    ) -> LedgerEntryReply:
         """Add money: ``amount`` in dollars or ``amount_nanos``; replies with the ledger entry."""
         return await accounts.credit(parse_uuid(user_id, "user_id"), data)
 
     @post("/debit", status_code=200)
     async def debit(
         self, user_id: FromPath[str], data: JSONBody[AmountRequest], accounts: Accounts
-    ) -> Response[bytes]:
+    ) -> LedgerEntryReply:
         """Take money; 402 when the balance does not cover it."""
         return await accounts.debit(parse_uuid(user_id, "user_id"), data)
 

@@ -89,7 +89,7 @@ class AccountService:
             reserved_nanos=row["reserved_nanos"],
         )
 
-    async def credit(self, user_id: uuid.UUID, request: AmountRequest) -> Any:
+    async def credit(self, user_id: uuid.UUID, request: AmountRequest) -> LedgerEntryReply:
         amount = _amount_of(request)
 
         async def work(connection: asyncpg.Connection) -> LedgerEntryReply:
@@ -107,10 +107,11 @@ class AccountService:
 
         return await run_once(
             self.pg.pool, key=request.idempotency_key,
-            request_fingerprint=fingerprint("credit", request, user_id), status_code=200, work=work,
+            request_fingerprint=fingerprint("credit", request, user_id), reply_type=LedgerEntryReply,
+            status_code=200, work=work,
         )
 
-    async def debit(self, user_id: uuid.UUID, request: AmountRequest) -> Any:
+    async def debit(self, user_id: uuid.UUID, request: AmountRequest) -> LedgerEntryReply:
         """A manual charge. Unlike settling a turn it is refused, not clamped, when the balance
         does not cover it: an operator asked for an exact amount."""
         amount = _amount_of(request)
@@ -129,7 +130,8 @@ class AccountService:
 
         return await run_once(
             self.pg.pool, key=request.idempotency_key,
-            request_fingerprint=fingerprint("debit", request, user_id), status_code=200, work=work,
+            request_fingerprint=fingerprint("debit", request, user_id), reply_type=LedgerEntryReply,
+            status_code=200, work=work,
         )
 
     async def ledger(self, user_id: uuid.UUID, limit: int, offset: int) -> LedgerPage:

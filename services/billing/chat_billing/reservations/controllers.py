@@ -26,7 +26,7 @@ class ReservationController(Controller):
     async def reserve(self, data: JSONBody[ReserveRequest], reservations: Reservations) -> ReservationReply:
         """Hold the estimated cost: 404 unknown user, 403 model not entitled, 402 balance too low.
         Idempotent on ``turn_id``: the same turn reserved again gets its first hold back."""
-        return await reservations.reserve(data)  # type: ignore[return-value]  # or a replayed reply
+        return await reservations.reserve(data)
 
     @post("/expire", status_code=200)
     async def expire(self, reservations: Reservations) -> ExpireReply:

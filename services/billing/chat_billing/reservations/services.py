@@ -19,7 +19,6 @@ from typing import Any
 
 import asyncpg
 import msgspec
-from litestar import Response
 
 from chat_billing.accounts.services import UserNotFound
 from chat_billing.idempotency import fingerprint, run_once
@@ -156,14 +155,14 @@ class ReservationService:
         self.pg = pg
         self.default_ttl_seconds = default_ttl_seconds
 
-    async def reserve(self, request: ReserveRequest) -> ReservationReply | Response[bytes]:
+    async def reserve(self, request: ReserveRequest) -> ReservationReply:
         try:
             return await self._reserve(request)
         except AppError as exc:
             RESERVATION_FAILURES.labels(exc.code).inc()
             raise
 
-    async def _reserve(self, request: ReserveRequest) -> ReservationReply | Response[bytes]:
+    async def _reserve(self, request: ReserveRequest) -> ReservationReply:
         if request.model_id is None and request.model_name is None:
             raise BadRequestError("model_id or model_name is required")
         args = (
@@ -180,7 +179,7 @@ class ReservationService:
 
         return await run_once(
             self.pg.pool, key=request.idempotency_key, request_fingerprint=fingerprint("reserve", request),
-            status_code=201, work=work,
+            reply_type=ReservationReply, status_code=201, work=work,
         )
 
     async def settle(self, reservation_id: uuid.UUID, request: SettleRequest) -> ReservationReply:

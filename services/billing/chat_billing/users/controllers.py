@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from litestar import Controller, Response, get, post
+from litestar import Controller, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 
@@ -17,7 +17,7 @@ class UserController(Controller):
     tags = ["users"]
 
     @post("/")
-    async def create_user(self, data: JSONBody[CreateUserRequest], user_service: Users) -> Response[bytes]:
+    async def create_user(self, data: JSONBody[CreateUserRequest], user_service: Users) -> UserReply:
         """Create a user (idempotent by ``idempotency_key``, and by ``user_id`` when given)."""
         return await user_service.create(data)
 
@@ -33,11 +33,11 @@ class UserController(Controller):
     @post("/{user_id:str}/models/grant", status_code=200)
     async def grant_models(
         self, user_id: FromPath[str], data: JSONBody[ModelIdsRequest], user_service: Users
-    ) -> Response[bytes]:
+    ) -> UserReply:
         return await user_service.grant(parse_uuid(user_id, "user_id"), data)
 
     @post("/{user_id:str}/models/revoke", status_code=200)
     async def revoke_models(
         self, user_id: FromPath[str], data: JSONBody[ModelIdsRequest], user_service: Users
-    ) -> Response[bytes]:
+    ) -> UserReply:
         return await user_service.revoke(parse_uuid(user_id, "user_id"), data)

@@ -69,7 +69,7 @@ class UserService:
     def __init__(self, pg: Pg) -> None:
         self.pg = pg
 
-    async def create(self, request: CreateUserRequest) -> Any:
+    async def create(self, request: CreateUserRequest) -> UserReply:
         balance = money_in_nanos(
             request.balance, request.balance_nanos, "balance", "balance_nanos", required=False, positive=False
         ) or 0
@@ -94,7 +94,7 @@ class UserService:
 
         return await run_once(
             self.pg.pool, key=request.idempotency_key, request_fingerprint=fingerprint("create_user", request),
-            status_code=201, work=work,
+            reply_type=UserReply, status_code=201, work=work,
         )
 
     async def get(self, user_id: uuid.UUID) -> UserReply:
@@ -110,13 +110,13 @@ class UserService:
                 raise UserNotFound()
         return ModelsReply(models=[ModelReply.of_row(row) for row in rows])
 
-    async def grant(self, user_id: uuid.UUID, request: ModelIdsRequest) -> Any:
+    async def grant(self, user_id: uuid.UUID, request: ModelIdsRequest) -> UserReply:
         return await self._change(user_id, request, "grant", GRANT)
 
-    async def revoke(self, user_id: uuid.UUID, request: ModelIdsRequest) -> Any:
+    async def revoke(self, user_id: uuid.UUID, request: ModelIdsRequest) -> UserReply:
         return await self._change(user_id, request, "revoke", REVOKE)
 
-    async def _change(self, user_id: uuid.UUID, request: ModelIdsRequest, operation: str, statement: str) -> Any:
+    async def _change(self, user_id: uuid.UUID, request: ModelIdsRequest, operation: str, statement: str) -> UserReply:
         model_ids = sorted(set(request.model_ids))
 
         async def work(connection: asyncpg.Connection) -> UserReply:
@@ -128,5 +128,6 @@ class UserService:
 
         return await run_once(
             self.pg.pool, key=request.idempotency_key,
-            request_fingerprint=fingerprint(operation, request, user_id), status_code=200, work=work,
+            request_fingerprint=fingerprint(operation, request, user_id), reply_type=UserReply,
+            status_code=200, work=work,
         )
