@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import grpc
 import pytest
-from ai_helpers import Recorded, Reply, StandIn, base_settings, running_ai
+from .ai_helpers import Recorded, Reply, StandIn, base_settings, running_ai
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chat_ai.server import start_server, stop_server

@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from ai_helpers import Reply, StandIn
+from .ai_helpers import Reply, StandIn
 
 from chat_ai.providers.base import ChatCall, count_tokens
 from chat_ai.providers.offline import OfflineProvider, first_tokens

@@ -6,7 +6,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from conftest import SCHEMA, balance_of, create_user, ledger_of
+from .conftest import SCHEMA, balance_of, create_user, ledger_of
 from litestar.testing import AsyncTestClient
 
 from chat_common.app import SERVICE_TOKEN_HEADER

@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from conftest import assert_ledger_explains, balance_of, create_user, ledger_of
+from .conftest import assert_ledger_explains, balance_of, create_user, ledger_of
 from litestar.testing import AsyncTestClient
 
 from chat_billing.metrics import SMALLER_RESERVATIONS

@@ -4,7 +4,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from conftest import balance_of, create_user, ledger_of
+from .conftest import balance_of, create_user, ledger_of
 from litestar.testing import AsyncTestClient
 
 

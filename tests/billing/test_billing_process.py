@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import assert_ledger_explains
+from .conftest import assert_ledger_explains
 
 from chat_billing import cli
 from chat_common.app import SERVICE_TOKEN_HEADER

@@ -6,7 +6,7 @@ import asyncio
 import uuid
 from typing import Any
 
-from conftest import (
+from .conftest import (
     assert_ledger_explains,
     balance_of,
     billing_settings,

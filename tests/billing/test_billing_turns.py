@@ -10,7 +10,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from conftest import SCHEMA, assert_ledger_explains, balance_of, billing_settings, create_user, ledger_of
+from .conftest import SCHEMA, assert_ledger_explains, balance_of, billing_settings, create_user, ledger_of
 from litestar.testing import AsyncTestClient
 
 from chat_billing.app import create_app

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from deploy_support import (
+from .deploy_support import (
     COMPOSE_FILE,
     DB_SERVICES,
     DOCKER_DIR,

@@ -12,7 +12,7 @@ import tomllib
 
 import pytest
 
-from deploy_support import (
+from .deploy_support import (
     COMPOSE_FILE,
     DOCKER_DIR,
     DOCKERIGNORE,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from deploy_support import (
+from .deploy_support import (
     COMPOSE_FILE,
     CONFIGMAP_NAME,
     DB_SERVICES,

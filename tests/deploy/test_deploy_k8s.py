@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from deploy_support import (
+from .deploy_support import (
     CONFIGMAP_NAME,
     DB_SERVICES,
     K8S_BASE,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy_support import (
+from .deploy_support import (
     ENV_SAMPLE,
     HEALTHCHECK_SCRIPT,
     HTTP_SERVICES,
