@@ -156,7 +156,7 @@ async def bench(args: argparse.Namespace, server_pid: int, base_url: str) -> Non
         for name, make in makers.items():
             await measure(name, make, args, server_pid, results)
     (old_c, old_s), (new_c, new_s) = (
-        tuple(sum(v) / len(v) for v in zip(*results[name])) for name in makers
+        tuple(sum(v) / len(v) for v in zip(*results[name], strict=True)) for name in makers
     )
     print(f"\nmean of {args.rounds} round(s), {args.calls} calls each, concurrency {args.concurrency}, "
           f"client loop {args.loop}:")

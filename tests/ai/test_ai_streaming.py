@@ -56,7 +56,7 @@ async def test_offline_waits_the_configured_delay_before_each_delta(ai: Callable
     async with ai(offline_stream_delay_ms=40) as (stub, _, _):
         started = time.monotonic()
         stamps = []
-        async for chunk in stub.ProcessStream(turn(model_provider="", chat_message="one two"), timeout=10):
+        async for _chunk in stub.ProcessStream(turn(model_provider="", chat_message="one two"), timeout=10):
             stamps.append(time.monotonic() - started)
     words = len(stamps) - 1
     assert stamps[-1] >= words * 0.04
@@ -166,7 +166,7 @@ async def test_a_cancelled_call_stops_the_upstream_request(ai: Callable, trickle
     async with ai(openai_base_url=f"http://127.0.0.1:{trickle.port}/v1") as (stub, _, _):
         call = stub.ProcessStream(turn(), timeout=30)
         got = 0
-        async for chunk in call:
+        async for _chunk in call:
             got += 1
             if got == 3:
                 break

@@ -18,7 +18,6 @@ from .conftest import (
     new_id,
     png,
     running_app,
-    text,
 )
 
 MB = 1024 * 1024

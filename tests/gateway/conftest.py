@@ -302,5 +302,5 @@ def assert_ai_saw_exact_window(ai: StandInAI, session_id: str, final: list[dict[
 def assert_coherent(final: list[dict[str, str]]) -> None:
     """user, assistant, user, assistant...; each reply answers the message right before it."""
     assert [e["role"] for e in final] == ["user", "assistant"] * (len(final) // 2)
-    for question, answer in zip(final[::2], final[1::2]):
+    for question, answer in zip(final[::2], final[1::2], strict=True):
         assert answer["content"] == f"reply to: {question['content']}"

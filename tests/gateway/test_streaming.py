@@ -180,7 +180,7 @@ async def test_unknown_foreign_and_malformed_turn_ids_get_the_same_error(
         for turn_id, user in ((head["turn_id"], stranger), (str(uuid.uuid4()), owner), ("not-a-turn", owner)):
             replies.append(await other.request(8, user_id=user, turn_id=turn_id, after_seq=0))
             replies.append(await other.request(9, user_id=user, turn_id=turn_id))
-    for reply, type_ in zip(replies, [8, 9] * 3):
+    for reply, type_ in zip(replies, [8, 9] * 3, strict=True):
         assert_error(reply, TURN_NOT_FOUND, type_)
     assert len({r["error"] for r in replies}) == 1
 

@@ -473,7 +473,7 @@ async def test_idle_sockets_are_cheap_and_their_memory_is_reused(system: Stack) 
 
     async def open_all() -> list[RawSocket]:
         opened: list[RawSocket] = []
-        for start in range(0, count, 100):
+        for _start in range(0, count, 100):
             opened += await asyncio.gather(*(RawSocket.open(port, headers={
                 "Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits"}) for _ in range(100)))
         return opened

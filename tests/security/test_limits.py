@@ -4,6 +4,7 @@ and CORS for the upload."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -197,10 +198,8 @@ async def test_a_crashed_gateway_does_not_keep_its_slots(system: Stack) -> None:
             assert await _serves(client)
     finally:
         for client in held:
-            try:
+            with contextlib.suppress(Exception):
                 await client.close()
-            except Exception:
-                pass
         stop_gateway(system, doomed)
         stop_gateway(system, survivor)
 

@@ -99,9 +99,9 @@ class ManagedServer:
         log.close()
         try:
             self.wait_ready(timeout)
-        except Exception:
+        except Exception as exc:
             self.kill()
-            raise RuntimeError(f"{self.name} failed to start; log tail:\n{self.log_tail()}")
+            raise RuntimeError(f"{self.name} failed to start; log tail:\n{self.log_tail()}") from exc
         return self
 
     def wait_ready(self, timeout: float) -> None:
@@ -225,7 +225,7 @@ class PostgresServer(ManagedServer):
         psql = str(_postgres_bin() / "psql")
         exists = subprocess.run(
             [psql, "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-tAc",
-             f"SELECT 1 FROM pg_database WHERE datname = '{name}'"],
+             f"SELECT 1 FROM pg_database WHERE datname = '{name}'"],  # noqa: S608 - the caller's own database name
             capture_output=True, text=True, check=True,
         ).stdout.strip()
         if exists != "1":

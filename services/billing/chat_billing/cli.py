@@ -225,7 +225,7 @@ async def run(args: argparse.Namespace, client: ServiceClient) -> Any:
             raise BadRequestError("name a limit (--daily, --monthly, --per-session) or --clear")
         return await send("PUT", f"/v1/users/{args.user_id}/limits", named)
     if command in ("usage", "receipts"):
-        params = {
+        params: dict[str, Any] | None = {
             key: value for key, value in (
                 ("session_id", args.session_id), ("since", args.since), ("until", args.until),
                 ("by", getattr(args, "by", None)), ("limit", getattr(args, "limit", None)),

@@ -84,7 +84,7 @@ class RetryPolicy:
     backoff: float = 0.05  # seconds before the 2nd try, doubling after
 
     def delay(self, tried: int) -> float:
-        return self.backoff * 2 ** (tried - 1)
+        return self.backoff * 2.0 ** (tried - 1)
 
 
 IDEMPOTENT = RetryPolicy(
@@ -187,6 +187,7 @@ class _StreamContext:
         kwargs = self._kwargs
         body, headers = client._body_and_headers(kwargs.get("json"), kwargs.get("content"), kwargs.get("headers"))
         timeout = kwargs.get("timeout")
+        extra: dict[str, Any] = {"timeout": client._read_timeout(timeout)} if timeout else {}
         try:
             self._response = await client._session().request(
                 self._method,
@@ -195,7 +196,7 @@ class _StreamContext:
                 params=_query(kwargs.get("params")),
                 headers=headers,
                 auto_decompress=False,
-                **({"timeout": client._read_timeout(timeout)} if timeout else {}),
+                **extra,
             )
         except _UNSENT as exc:
             raise ServiceUnavailableError(f"{client.name} service unreachable: {type(exc).__name__}") from exc

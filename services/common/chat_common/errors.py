@@ -162,7 +162,7 @@ def _all_subclasses(cls: type[AppError]) -> list[type[AppError]]:
 
 def error_class_for(code: str, status: int) -> type[AppError]:
     """The exception class an error reply stands for (by code, else by status)."""
-    classes = [AppError, *_all_subclasses(AppError)]
+    classes: list[type[AppError]] = [AppError, *_all_subclasses(AppError)]
     for cls in classes:
         if cls.code == code:
             return cls
@@ -172,13 +172,13 @@ def error_class_for(code: str, status: int) -> type[AppError]:
     return UpstreamError if status >= 500 else BadRequestError
 
 
-def app_error_handler(_: Request, exc: AppError) -> Response:
+def app_error_handler(_: Request[Any, Any, Any], exc: AppError) -> Response[Any]:
     if exc.status_code >= 500:
         logger.error("request failed: %s", exc.message)
     return Response(content=exc.to_body(), status_code=exc.status_code)
 
 
-def http_exception_handler(_: Request, exc: HTTPException) -> Response:
+def http_exception_handler(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     if isinstance(exc, ValidationException):
         body = {"error": {"code": "validation_error", "message": exc.detail, "details": exc.extra}}
         return Response(content=body, status_code=400)
@@ -242,7 +242,7 @@ def classify_unexpected(exc: BaseException) -> AppError | None:
     return None
 
 
-def unhandled_exception_handler(request: Request, exc: Exception) -> Response:
+def unhandled_exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     known = classify_unexpected(exc)
     if known is not None:
         logger.warning("request failed: %s (%s)", known.message, type(exc).__name__)

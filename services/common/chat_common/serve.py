@@ -163,7 +163,7 @@ class HeadGuard:
     head_timeout: float = HTTP_HEADER_TIMEOUT_SECONDS
     max_head_bytes: int = MAX_REQUEST_HEAD_BYTES
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
         self._head_bytes = 0
         self._head_deadline: asyncio.TimerHandle | None = None
@@ -292,6 +292,6 @@ def serve(
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
-        **options,  # type: ignore[arg-type]
+        **options,
     )
     GracefulServer(config, before_shutdown).run()

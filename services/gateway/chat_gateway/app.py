@@ -53,9 +53,9 @@ def create_app(settings: GatewaySettings | None = None) -> Litestar:
                 worker.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
             # shielded turns and postponed debits still in flight finish before the clients close
-            runner = getattr(app.state, "turn_runner", None)
-            if runner is not None:
-                await runner.drain(settings.service.shutdown_grace_seconds)
+            in_flight = getattr(app.state, "turn_runner", None)
+            if in_flight is not None:
+                await in_flight.drain(settings.service.shutdown_grace_seconds)
             await context.close()
 
     def context() -> GatewayContext:

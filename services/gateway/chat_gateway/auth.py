@@ -32,7 +32,7 @@ from chat_gateway.ws.protocol import ErrorCode, ProtocolError
 logger = logging.getLogger(__name__)
 
 BEARER_SUBPROTOCOL = "bearer"
-TOKEN_QUERY_PARAMETER = "token"
+TOKEN_QUERY_PARAMETER = "token"  # noqa: S105 - the parameter's name, not a secret
 # A JWT is a few hundred bytes; the cap keeps a hostile header from costing a base64 decode of
 # megabytes before it is refused.
 MAX_TOKEN_CHARS = 8192

@@ -37,7 +37,7 @@ class _Typed:
         params: dict[str, Any] | None = None,
         retry: RetryPolicy = IDEMPOTENT,
     ) -> T:
-        return await self.http.request(method, path, json=body, params=params, retry=retry, type=reply)  # type: ignore[no-any-return]
+        return await self.http.request(method, path, json=body, params=params, retry=retry, type=reply)
 
     async def ping(self) -> None:
         await self.http.ping()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, Protocol
 
 import grpc
@@ -78,7 +78,7 @@ class Piece:
 class Provider(Protocol):
     name: str
 
-    def stream(self, call: ChatCall, timeout: float) -> AsyncIterator[Piece]:
+    def stream(self, call: ChatCall, timeout: float) -> AsyncGenerator[Piece, None]:
         """Answer ``call`` delta by delta; closing the iterator stops the upstream request."""
         ...
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import httpx
 
@@ -64,7 +64,7 @@ class OfflineProvider:
         )
         return Completion(text, input_tokens, count_tokens(text))
 
-    async def stream(self, call: ChatCall, timeout: float) -> AsyncIterator[Piece]:
+    async def stream(self, call: ChatCall, timeout: float) -> AsyncGenerator[Piece, None]:
         """The same reply as :meth:`chat`, one word (with the whitespace after it) per delta,
         each after ``OFFLINE_STREAM_DELAY_MS``; usage is reported with every delta."""
         completion = await self.chat(call, timeout)

@@ -3,7 +3,7 @@ and ``eval_count``."""
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import grpc
@@ -43,7 +43,7 @@ class OllamaProvider:
             call.model, await self._messages(call, timeout), timeout, num_predict=call.max_output_tokens
         )
 
-    async def stream(self, call: ChatCall, timeout: float) -> AsyncIterator[Piece]:
+    async def stream(self, call: ChatCall, timeout: float) -> AsyncGenerator[Piece, None]:
         """``"stream": true``: one JSON object per line, the last with ``done`` and the counts."""
         body: dict[str, Any] = {"model": call.model, "messages": await self._messages(call, timeout), "stream": True}
         if call.max_output_tokens is not None:

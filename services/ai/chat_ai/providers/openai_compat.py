@@ -3,7 +3,7 @@ Ollama's ``/v1``. Tokens and so the cost come from the ``usage`` the server repo
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import grpc
@@ -53,7 +53,7 @@ class OpenAICompatProvider:
         messages.append(await self._user_message(call, timeout))
         return messages
 
-    async def stream(self, call: ChatCall, timeout: float) -> AsyncIterator[Piece]:
+    async def stream(self, call: ChatCall, timeout: float) -> AsyncGenerator[Piece, None]:
         """The API's streaming mode (server-sent events), asking for the usage report that comes
         in a last chunk without choices."""
         messages = await self._messages(call, timeout)
@@ -73,7 +73,8 @@ class OpenAICompatProvider:
                 data = parse_json_line("openai", payload)
                 if isinstance(data.get("error"), dict):
                     raise AIError(grpc.StatusCode.UNAVAILABLE, f"openai stream failed: {str(data['error'].get('message'))[:300]}")
-                usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+                raw_usage = data.get("usage")
+                usage: dict[str, Any] = raw_usage if isinstance(raw_usage, dict) else {}
                 delta = ""
                 choices = data.get("choices")
                 if isinstance(choices, list) and choices and isinstance(choices[0], dict):
@@ -116,7 +117,8 @@ class OpenAICompatProvider:
             message = data["choices"][0]["message"]
         except (KeyError, IndexError, TypeError):
             raise AIError(grpc.StatusCode.UNAVAILABLE, "openai answered without choices[0].message") from None
-        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        raw_usage = data.get("usage")
+        usage: dict[str, Any] = raw_usage if isinstance(raw_usage, dict) else {}
         return Completion(
             _content_text(message.get("content") if isinstance(message, dict) else None),
             token_count(usage.get("prompt_tokens")),

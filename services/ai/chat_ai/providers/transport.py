@@ -7,7 +7,7 @@ import hashlib
 import json
 import mimetypes
 from dataclasses import dataclass
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -101,7 +101,7 @@ async def post_lines(
     *,
     timeout: float,
     headers: dict[str, str] | None = None,
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """POST ``body`` and yield the answer's non-empty lines as they arrive (server-sent events,
     NDJSON). Closing the generator (a cancelled call) closes the upstream connection. The whole
     call is bounded by ``timeout``, as :func:`post_json`."""
@@ -223,7 +223,7 @@ async def prepare_attachments(
         fetch_file(client, url, timeout=timeout, max_bytes=max_image_bytes, keep_bytes=True)
         for url in image_urls
     ))
-    by_url = dict(zip(image_urls, fetched))
+    by_url = dict(zip(image_urls, fetched, strict=True))
     lines = []
     images: list[tuple[str, bytes]] = []
     for url in urls:

@@ -81,8 +81,8 @@ class ChargeService:
         results: list[ChargeResult | None],
     ) -> None:
         """What an earlier call already applied (the usual case for a replay), in one statement."""
-        turn_ids = list({r for r, res in zip(reservations, results) if r is not None and res is None})
-        summary_keys = list({i.key for i, res in zip(items, results) if i.kind == "summary" and res is None})
+        turn_ids = list({r for r, res in zip(reservations, results, strict=True) if r is not None and res is None})
+        summary_keys = list({i.key for i, res in zip(items, results, strict=True) if i.kind == "summary" and res is None})
         rows = await connection.fetch(DONE, turn_ids, summary_keys)
         found: dict[tuple[str, str], Any] = {(row["kind"], row["ref"]): row for row in rows}
         for index, item in enumerate(items):

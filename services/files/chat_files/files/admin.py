@@ -101,7 +101,7 @@ class FilesAdmin:
         """Objects first, then rows: a run cut short in between leaves rows whose objects are
         already gone, which the next run removes (never bytes nobody can find again)."""
         async with self.service.engine.connect() as conn:
-            keys = list((await conn.execute(select(files.c.object_key).where(files.c.user_id == user_id))).scalars())
+            keys: list[str] = list((await conn.execute(select(files.c.object_key).where(files.c.user_id == user_id))).scalars())
         if keys:
             def run() -> list[str]:
                 errors = self.storage.client.remove_objects(self.storage.bucket, [DeleteObject(k) for k in keys])

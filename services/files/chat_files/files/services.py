@@ -106,7 +106,7 @@ class _CountedStream:
                 self.size += len(chunk)
         except StopAsyncIteration:
             self.exhausted = True
-        except Exception:  # a client gone while draining: nothing left to tell it
+        except Exception:  # noqa: S110 - a client gone while draining: nothing left to tell it
             pass
 
 
@@ -390,7 +390,7 @@ class FilesService:
 
     async def delete_session_files(self, session_id: uuid.UUID, user_id: uuid.UUID) -> schemas.Deleted:
         async with self.engine.begin() as conn:
-            keys = list(
+            keys: list[str] = list(
                 (
                     await conn.execute(
                         delete(files)
@@ -421,7 +421,7 @@ class FilesService:
                 .scalar_subquery()
             )
             async with self.engine.begin() as conn:
-                keys = list(
+                keys: list[str] = list(
                     (
                         await conn.execute(
                             delete(files).where(files.c.file_name.in_(doomed)).returning(files.c.object_key)
@@ -440,7 +440,7 @@ class FilesService:
         removed = 0
         async for keys in self.storage.old_keys(cutoff):
             async with self.engine.connect() as conn:
-                known = set(
+                known: set[str] = set(
                     (await conn.execute(select(files.c.object_key).where(files.c.object_key.in_(keys)))).scalars()
                 )
             orphans = [k for k in keys if k not in known]

@@ -7,6 +7,7 @@ a few chunks plus the part minio is sending (``PART_SIZE``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import io
 import logging
@@ -14,7 +15,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from itertools import islice
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar, cast
 
 import urllib3
 from minio import Minio
@@ -113,7 +114,8 @@ class StreamingUpload:
         self._worker = self._loop.run_in_executor(
             storage.upload_executor,
             functools.partial(
-                storage.client.put_object, storage.bucket, key, reader, -1,
+                # minio only calls read() on its data argument
+                storage.client.put_object, storage.bucket, key, cast(BinaryIO, reader), -1,
                 content_type=content_type, part_size=PART_SIZE, num_parallel_uploads=1,
             ),
         )
@@ -124,7 +126,8 @@ class StreamingUpload:
             return
         putter = asyncio.ensure_future(self._queue.put(item))
         try:
-            await asyncio.wait({putter, self._worker}, return_when=asyncio.FIRST_COMPLETED)
+            waiting: set[asyncio.Future[Any]] = {putter, self._worker}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not putter.done():
                 putter.cancel()
@@ -157,10 +160,8 @@ class StreamingUpload:
         while not self._queue.empty():
             self._queue.get_nowait()
         self._queue.put_nowait(_ABORT)
-        try:
+        with contextlib.suppress(BaseException):  # the outcome of an aborted upload does not matter
             await asyncio.wait_for(asyncio.shield(self._worker), 30)
-        except BaseException:  # the outcome of an aborted upload does not matter
-            pass
 
 
 class ObjectStorage:

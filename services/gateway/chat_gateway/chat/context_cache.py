@@ -148,7 +148,7 @@ class ContextStore:
 
     # -- the context ------------------------------------------------------------------------
 
-    def decode(self, raw: bytes | None, session_id: str) -> SessionContext | None:
+    def decode(self, raw: bytes | str | None, session_id: str) -> SessionContext | None:
         if raw is None:
             return None
         try:
@@ -196,7 +196,7 @@ class ContextStore:
             if remaining <= 0:
                 raise LockTimeout(key)
             # jitter so that waiters on many replicas do not poll in lockstep
-            await asyncio.sleep(min(remaining, delay * (0.5 + random.random())))
+            await asyncio.sleep(min(remaining, delay * (0.5 + random.random())))  # noqa: S311 - jitter, not a secret
             delay = min(0.1, delay * 2)
 
     async def unlock(self, session_id: str, token: str, context: SessionContext | None) -> None:
@@ -223,7 +223,7 @@ class ContextStore:
                 pipe.eval(_RENEW, 1, key, token, self.lease_ms)
             replies = await pipe.execute()
         lost = 0
-        for (key, token), renewed in zip(items, replies):
+        for (key, token), renewed in zip(items, replies, strict=True):
             if not renewed and self.held.get(key) == token:
                 # Nothing to do but say so: the fenced append keeps the order.
                 logger.warning("lost the turn lock %s (expired or Redis wiped)", key)

@@ -39,7 +39,7 @@ class OwedCharges:
                 break
             result = await self.billing.charge([item.charge for item in page.items])
             done: list[int] = []
-            for item, outcome in zip(page.items, result.results):
+            for item, outcome in zip(page.items, result.results, strict=False):
                 if outcome.key != item.charge.key:
                     logger.error("billing answered charges out of order; stopping this round")
                     break

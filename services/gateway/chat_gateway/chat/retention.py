@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from chat_common.contracts import ExpiredSession
 from chat_common.errors import AppError
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ class RetentionSweeper:
             logger.info("retention removed sessions", extra={"removed": done})
         return done
 
-    async def _finish(self, items: list) -> int:  # type: ignore[type-arg]
+    async def _finish(self, items: list[ExpiredSession]) -> int:
         finished: list[str] = []
         for item in items:
             try:

@@ -26,7 +26,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from redis.asyncio import Redis
@@ -49,6 +49,9 @@ BATCH = 256
 MAX_FOLLOWER_LAG = 2_048  # entries a reader may be behind the turn before it is closed
 FOLLOWER_SEND_SECONDS = 10.0  # a socket that takes longer to accept one frame is closed
 CANCEL_WAIT_SECONDS = 15.0
+# What XREAD answers on the gateway's client (bytes, not decoded): [(stream, [(id, fields)])].
+# redis-py's types allow str too, for a client that decodes.
+_Read = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
 _STREAM_UNIMPLEMENTED_SECONDS = 300.0
 
 
@@ -101,7 +104,7 @@ class TurnStreams:
     async def owner(self, turn_id: str) -> tuple[bytes | None, bytes | None]:
         if not is_uuid(turn_id):
             return None, None
-        owner, finish = await self.redis.hmget(f"{_key(turn_id)}:meta", "user", "finish")
+        owner, finish = cast("list[bytes | None]", await self.redis.hmget(f"{_key(turn_id)}:meta", "user", "finish"))
         return owner, finish
 
     async def follow(self, turn_id: str, user_id: str, after_seq: int, write: Callable[[bytes], Awaitable[None]]) -> bytes:
@@ -118,12 +121,12 @@ class TurnStreams:
         last_id: bytes | str = "0-0"
         read = 0
         while True:
-            result = await self.redis.xread({key: last_id}, count=BATCH, block=FOLLOW_BLOCK_MS)
+            result = cast(_Read, await self.redis.xread({key: last_id}, count=BATCH, block=FOLLOW_BLOCK_MS))
             entries = result[0][1] if result else []
             if not entries:
                 if not await self._alive(turn_id):
                     # nobody runs it any more; one last look for an end written meanwhile
-                    result = await self.redis.xread({key: last_id}, count=BATCH)
+                    result = cast(_Read, await self.redis.xread({key: last_id}, count=BATCH))
                     entries = result[0][1] if result else []
                     if not entries:
                         code = ErrorCode.TURN_INTERRUPTED if await self.redis.exists(key) else ErrorCode.TURN_NOT_FOUND
@@ -168,7 +171,7 @@ class TurnStreams:
             deadline = time.monotonic() + CANCEL_WAIT_SECONDS
             while finish is None and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-                finish = await self.redis.hget(f"{_key(turn_id)}:meta", "finish")
+                finish = cast("bytes | None", await self.redis.hget(f"{_key(turn_id)}:meta", "finish"))
                 if finish is None and not await self.redis.exists(f"{_key(turn_id)}:live"):
                     break
         status = "finished" if finish not in (None, b"cancelled") else "cancelled"

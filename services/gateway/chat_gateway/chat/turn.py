@@ -27,6 +27,7 @@ import hashlib
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -576,6 +577,7 @@ class TurnRunner:
                 receipt=turn.receipt,
             ),
         )
+        outcomes: Sequence[object]
         if turn.file_name:
             use = c.FileUse(user_id=turn.user_id, session_id=turn.session_id, turn_id=turn.turn_id)
             outcomes = await asyncio.gather(

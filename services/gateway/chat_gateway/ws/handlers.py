@@ -12,12 +12,13 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 from litestar import WebSocket, websocket
 from litestar.datastructures import State
 from litestar.exceptions import WebSocketDisconnect
+from litestar.types import WebSocketSendEvent
 
 from chat_common.errors import AppError, BadRequestError, NotFoundError
 from chat_common.logging import request_id_var
@@ -115,7 +116,7 @@ class SocketSession:
         self.limiter = limiter
         self.subject = subject
         self.dispatcher = Dispatcher(self._send)
-        self.handlers: dict[int, Callable[[Any, str], Awaitable[dict[str, Any]]]] = {
+        self.handlers: dict[int, Callable[[Any, str], Awaitable[dict[str, Any] | bytes]]] = {
             MessageType.USER_DETAILS: self.user_details,
             MessageType.LIST_SESSIONS: self.list_sessions,
             MessageType.SESSION_CHATS: self.session_chats,
@@ -130,7 +131,8 @@ class SocketSession:
         self.streams = turn_streams(runner)
 
     async def _send(self, frame: bytes) -> None:
-        await self.socket.send({"type": "websocket.send", "text": frame.decode()})
+        # ASGI: a missing "bytes" stands for None (litestar's TypedDict lists both keys)
+        await self.socket.send(cast("WebSocketSendEvent", {"type": "websocket.send", "text": frame.decode()}))
 
     async def serve(self) -> None:
         settings = self.gw.settings
@@ -141,9 +143,8 @@ class SocketSession:
                     return
                 if message["type"] != "websocket.receive":
                     continue
-                raw = message.get("text")
-                if raw is None:
-                    raw = message.get("bytes") or b""
+                text = message.get("text")
+                raw: str | bytes = text if text is not None else (message.get("bytes") or b"")
                 # uvicorn already closes with 1009 past ws_max_size; this holds under any server
                 if len(raw) > settings.max_frame_bytes or (
                     4 * len(raw) > settings.max_frame_bytes and frame_size(raw) > settings.max_frame_bytes

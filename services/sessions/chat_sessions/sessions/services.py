@@ -5,6 +5,7 @@ are single statements (one snapshot). The statements are module constants (``sql
 asyncpg prepares each once per connection and reuses it."""
 from __future__ import annotations
 
+import builtins  # the method `list` below shadows the name in the class body
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -65,7 +66,7 @@ def to_entries(row: Sequence[Any]) -> list[schemas.Entry]:
     Entry = schemas.Entry
     return [
         Entry(seq=seq, role=role, content=content, turn_id=turn_id, created_at=created_at)
-        for seq, role, content, turn_id, created_at in zip(seqs, row[11], row[12], row[13], row[14])
+        for seq, role, content, turn_id, created_at in zip(seqs, row[11], row[12], row[13], row[14], strict=True)
     ]
 
 
@@ -269,7 +270,7 @@ class SessionsService:
         rows = await self._pool().fetch(sql.EXPIRED_PAGE, float(older_than_seconds), limit)
         return schemas.ExpiredPage(items=[schemas.ExpiredSession(session_id=r[0], user_id=r[1]) for r in rows])
 
-    async def expired_ack(self, session_ids: list[uuid.UUID]) -> schemas.ExpiredAcked:
+    async def expired_ack(self, session_ids: builtins.list[uuid.UUID]) -> schemas.ExpiredAcked:
         if not session_ids:
             return schemas.ExpiredAcked(acked=0)
         status = await self._pool().execute(sql.EXPIRED_ACK, session_ids)
@@ -293,7 +294,7 @@ class SessionsService:
             ]
         )
 
-    async def outbox_ack(self, outbox_ids: list[int]) -> schemas.OutboxAcked:
+    async def outbox_ack(self, outbox_ids: builtins.list[int]) -> schemas.OutboxAcked:
         if not outbox_ids:
             return schemas.OutboxAcked(acked=0)
         status = await self._pool().execute(sql.OUTBOX_ACK, outbox_ids)

@@ -40,7 +40,7 @@ SELECT c.total, s.id, s.user_id, s.name, s.model_name, s.prompt, s.summary, s.su
 # The session and its last $3 entries (bounded by the entry_count of the same row version, so
 # a turn committed meanwhile is never half counted): one statement, one snapshot. The entries
 # come as parallel arrays (NULL when there are none).
-SESSION_WITH_ENTRIES = f"""
+SESSION_WITH_ENTRIES = """
 SELECT s.id, s.user_id, s.name, s.model_name, s.prompt, s.summary, s.summarized_upto,
        s.entry_count, s.created_at, s.updated_at,
        e.seqs, e.roles, e.contents, e.turn_ids, e.times
