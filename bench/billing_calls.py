@@ -58,8 +58,8 @@ async def run(args: argparse.Namespace) -> None:
             limits=httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency),
         ) as http:
             users = []
-            for lane in range(args.concurrency):
-                reply = await http.post("/v1/users", json={"username": f"bench-{lane}", "models": [8],
+            for index in range(args.concurrency):
+                reply = await http.post("/v1/users", json={"username": f"bench-{index}", "models": [8],
                                                            "balance": 1000})
                 reply.raise_for_status()
                 users.append(reply.json()["user_id"])

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -72,7 +73,7 @@ async def load(dsn: str, entries: int, users: int, words: list[str], weights: li
             records=[(sid, uid, f"chat {n}", "gpt-4", per_session, now, now) for n, (sid, uid) in enumerate(sessions)],
         )
 
-        def rows(chunk: list[tuple[uuid.UUID, uuid.UUID]]):  # type: ignore[no-untyped-def]
+        def rows(chunk: list[tuple[uuid.UUID, uuid.UUID]]) -> Iterator[tuple[object, ...]]:
             for sid, _ in chunk:
                 turn = uuid.uuid4()
                 for seq in range(per_session):

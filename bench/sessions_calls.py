@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -53,7 +54,7 @@ async def drive(base: str, token: str, pid: int, appends: int, sessions: int) ->
                 await append(http, user, sid, counts)
                 await http.get(f"/v1/sessions/{sid}/context", params={"user_id": user, "window": 10})
 
-        async def measure(name: str, calls: int, call) -> None:  # type: ignore[no-untyped-def]
+        async def measure(name: str, calls: int, call: Callable[[str, int], Awaitable[object]]) -> None:
             before, started = cpu_ms(pid), time.perf_counter()
             for i in range(calls):
                 await call(ids[i % len(ids)], i)

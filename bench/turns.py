@@ -29,8 +29,10 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import websockets
 
@@ -50,6 +52,10 @@ ECHO_APP = textwrap.dedent(
     app = Litestar([echo])
     """
 )
+
+
+# makes the next request of one socket from the reply to its last (None at first)
+FrameMaker = Callable[[object], str]
 
 
 @dataclass
@@ -95,7 +101,7 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     return readings
 
 
-async def drive(name: str, url: str, sockets: int, seconds: float, frames: list[object], *,
+async def drive(name: str, url: str, sockets: int, seconds: float, frames: list[FrameMaker], *,
                 warmup: int = 0, pids: dict[str, int] | None = None) -> Run:
     """``sockets`` clients, each sending the next request as soon as the last was answered.
 
@@ -108,13 +114,13 @@ async def drive(name: str, url: str, sockets: int, seconds: float, frames: list[
     deadline = 0.0
     ready = asyncio.Semaphore(0)
 
-    async def client(make_frame) -> None:  # type: ignore[no-untyped-def]
+    async def client(make_frame: FrameMaker) -> None:
         async with websockets.connect(url, max_size=None, open_timeout=30) as socket:
-            reply = None
+            reply: object = None
             for _ in range(warmup):
                 await socket.send(make_frame(reply))
                 raw = await socket.recv()
-                reply = json.loads(raw) if raw.startswith("{") else raw
+                reply = json.loads(raw) if isinstance(raw, str) and raw.startswith("{") else raw
                 run.warmup_replies += 1
                 if isinstance(reply, dict) and "error" in reply:
                     run.warmup_errors += 1
@@ -127,7 +133,7 @@ async def drive(name: str, url: str, sockets: int, seconds: float, frames: list[
                 await socket.send(frame)
                 raw = await socket.recv()
                 run.latencies.append(time.perf_counter() - sent)
-                reply = json.loads(raw) if raw.startswith("{") else raw
+                reply = json.loads(raw) if isinstance(raw, str) and raw.startswith("{") else raw
                 if isinstance(reply, dict) and "error" in reply:
                     run.errors += 1
                     run.first_error = run.first_error or str(reply)
@@ -136,14 +142,15 @@ async def drive(name: str, url: str, sockets: int, seconds: float, frames: list[
     start = asyncio.Event()
     tasks = [asyncio.create_task(client(frames[i])) for i in range(sockets)]
     waiting = asyncio.gather(*(ready.acquire() for _ in range(sockets)))
-    done, _ = await asyncio.wait([waiting, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    started: list[asyncio.Future[Any]] = [waiting, *tasks]
+    done, _ = await asyncio.wait(started, return_when=asyncio.FIRST_COMPLETED)
     if waiting not in done:  # a client failed during connect or warm-up
         waiting.cancel()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for task in done:
-            task.result()
+        for ended in done:
+            ended.result()
         raise RuntimeError("a client ended before its warm-up finished")
     await asyncio.sleep(0.2)  # let the last warm-up replies' after-work settle
     before = cpu_seconds(pids or {})
@@ -157,9 +164,9 @@ async def drive(name: str, url: str, sockets: int, seconds: float, frames: list[
     return run
 
 
-def turn_frames(user_ids: list[str], model: str) -> list[object]:
-    def factory(user_id: str):  # type: ignore[no-untyped-def]
-        state = {"session": "NEW", "n": 0}
+def turn_frames(user_ids: list[str], model: str) -> list[FrameMaker]:
+    def factory(user_id: str) -> FrameMaker:
+        state: dict[str, Any] = {"session": "NEW", "n": 0}
 
         def make(reply: object) -> str:
             if isinstance(reply, dict) and "data" in reply:
@@ -184,7 +191,7 @@ def turn_frames(user_ids: list[str], model: str) -> list[object]:
     return [factory(u) for u in user_ids]
 
 
-def echo_frames(sockets: int) -> list[object]:
+def echo_frames(sockets: int) -> list[FrameMaker]:
     payload = json.dumps({"type": 6, "data": {"user_id": "00000000-0000-0000-0000-000000000000"}})
     return [lambda _reply: payload for _ in range(sockets)]
 

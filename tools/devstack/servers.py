@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 POSTGRES_OS_USER = "embedded_postgres"
 _reserved_ports: set[int] = set()
@@ -90,7 +91,7 @@ class ManagedServer:
     def popen_kwargs(self) -> dict:
         return {}
 
-    def start(self, timeout: float = 60.0) -> "ManagedServer":
+    def start(self, timeout: float = 60.0) -> Self:
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

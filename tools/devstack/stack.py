@@ -87,13 +87,12 @@ class Stack:
             self.servers.append(redis)
             self.infra.redis_url = redis.url()
         if not self.infra.s3_endpoint:
-            s3_kwargs = {}
-            for key in ("master_port", "volume_port", "filer_port"):
-                if key in self.local_ports:
-                    s3_kwargs[key] = self.local_ports[key]
+            # the SeaweedFS ports asked for, else S3Server's own defaults (0: found free)
             s3 = S3Server(
                 "s3", self.local_ports.get("s3") or free_port(also_free_offset=10000), self.data_dir / "s3",
-                **s3_kwargs,
+                master_port=self.local_ports.get("master_port", 0),
+                volume_port=self.local_ports.get("volume_port", 0),
+                filer_port=self.local_ports.get("filer_port", 0),
             ).start()
             self.servers.append(s3)
             self.infra.s3_endpoint = s3.endpoint()
