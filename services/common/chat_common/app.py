@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+import msgspec
 from litestar import Litestar, Response, get
 from litestar.config.app import AppConfig
 from litestar.openapi import OpenAPIConfig
@@ -186,6 +187,21 @@ def parse_networks(items: Sequence[str]) -> list[ipaddress.IPv4Network | ipaddre
     return [ipaddress.ip_network(item.strip(), strict=False) for item in items if item.strip()]
 
 
+class Health(msgspec.Struct):
+    """``GET /health``: the process answers."""
+
+    status: str
+    service: str
+
+
+class Readiness(msgspec.Struct):
+    """``GET /ready``: each named check ``ok`` or ``failed``; 503 unless all are ``ok``."""
+
+    status: str
+    service: str
+    checks: dict[str, str]
+
+
 @dataclass(eq=False)
 class ServicePlugin(InitPluginProtocol):
     """Register with ``Litestar(plugins=[ServicePlugin(...)])``.
@@ -209,15 +225,15 @@ class ServicePlugin(InitPluginProtocol):
         plugin = self
 
         @get("/health", sync_to_thread=False)
-        def health() -> dict[str, str]:
-            return {"status": "ok", "service": plugin.name}
+        def health() -> Health:
+            return Health(status="ok", service=plugin.name)
 
         @get("/ready")
-        async def ready() -> Response[dict[str, object]]:
+        async def ready() -> Response[Readiness]:
             results = await plugin.check_readiness()
             ok = all(value == "ok" for value in results.values())
             return Response(
-                {"status": "ready" if ok else "not ready", "service": plugin.name, "checks": results},
+                Readiness(status="ready" if ok else "not ready", service=plugin.name, checks=results),
                 status_code=200 if ok else 503,
             )
 

@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import msgspec
-from litestar import Controller, Request, Response, get, post
+from litestar import Controller, Request, get, post
 from litestar.params import FromPath
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -54,7 +54,6 @@ ADMIN_TIMEOUT = 300.0  # seconds a service may take to answer one admin call
 REDIS_BATCH = 500
 _UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _export_decoder = msgspec.json.Decoder(c.UserExport)
-_encoder = msgspec.json.Encoder()
 
 
 def authorize(request: Request[Any, Any, Any]) -> GatewayContext:
@@ -292,10 +291,6 @@ class UserAdmin:
         )
 
 
-def _json(value: Any, status: int = 200) -> Response[bytes]:
-    return Response(_encoder.encode(value), status_code=status, media_type="application/json")
-
-
 class AdminController(Controller):
     """``/v1/admin/users``: one user across every store (X-Service-Token required)."""
 
@@ -303,15 +298,15 @@ class AdminController(Controller):
     tags = ["admin"]
 
     @get("/{user_id:str}/export")
-    async def export_user(self, request: Request[Any, Any, Any], user_id: FromPath[str]) -> Response[bytes]:
+    async def export_user(self, request: Request[Any, Any, Any], user_id: FromPath[str]) -> c.UserExport:
         admin = UserAdmin(authorize(request))
         try:
-            return _json(await admin.export(canonical_user(user_id)))
+            return await admin.export(canonical_user(user_id))
         finally:
             await admin.aclose()
 
-    @post("/import", request_max_body_size=MAX_IMPORT_BYTES)
-    async def import_user(self, request: Request[Any, Any, Any]) -> Response[bytes]:
+    @post("/import", status_code=201, request_max_body_size=MAX_IMPORT_BYTES)
+    async def import_user(self, request: Request[Any, Any, Any]) -> c.ImportReport:
         context = authorize(request)
         try:
             doc = _export_decoder.decode(await request.body())
@@ -319,14 +314,14 @@ class AdminController(Controller):
             raise BadRequestError(f"not a user export: {exc}") from None
         admin = UserAdmin(context)
         try:
-            return _json(await admin.import_(doc), 201)
+            return await admin.import_(doc)
         finally:
             await admin.aclose()
 
-    @post("/{user_id:str}/erase")
-    async def erase_user(self, request: Request[Any, Any, Any], user_id: FromPath[str]) -> Response[bytes]:
+    @post("/{user_id:str}/erase", status_code=200)
+    async def erase_user(self, request: Request[Any, Any, Any], user_id: FromPath[str]) -> c.EraseReport:
         admin = UserAdmin(authorize(request))
         try:
-            return _json(await admin.erase(canonical_user(user_id)))
+            return await admin.erase(canonical_user(user_id))
         finally:
             await admin.aclose()

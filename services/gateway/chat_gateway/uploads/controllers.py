@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote, unquote
 
+import msgspec
 from litestar import Request, Response, get, post
 from litestar.exceptions import InternalServerException
 from litestar.response import Stream
@@ -55,8 +56,27 @@ MAX_RAW_FILE_NAME_BYTES = 1024
 _FILE_NAME = re.compile(r"^[0-9a-f]{32}\.[a-z0-9]{1,10}$")
 
 
-def _failure(status: int, message: str) -> Response[dict[str, Any]]:
-    return Response({"message": message, "data": None}, status_code=status)
+class UploadedFile(msgspec.Struct, rename="camel", kw_only=True):
+    """``data`` of a stored upload (PROTOCOL.md section 3: the original's camelCase names)."""
+
+    file_name: str
+    session_id: str
+    image_url: str
+    size: int
+    sha256: str
+    content_type: str
+    original_name: str
+
+
+class UploadReply(msgspec.Struct, kw_only=True):
+    """Every answer of ``POST /upload``: ``data`` is null on a refusal."""
+
+    message: str
+    data: UploadedFile | None = None
+
+
+def _failure(status: int, message: str) -> Response[UploadReply]:
+    return Response(UploadReply(message=message, data=None), status_code=status)
 
 
 def _context(request: Request) -> GatewayContext:
@@ -231,7 +251,7 @@ class _Upload:
 
     # -- the end ---------------------------------------------------------------------------------
 
-    async def complete(self) -> dict[str, Any]:
+    async def complete(self) -> UploadedFile:
         if self.stored is None:
             raise BadUpload("missing field: file")
         if not self.user_checked:
@@ -265,15 +285,15 @@ class _Upload:
                 json={"user_id": self.user_id, "session_id": session_id, "idempotency_key": f"attach:{file_name}"},
             )
         stored = self.stored
-        return {
-            "fileName": file_name,
-            "sessionId": session_id,
-            "imageUrl": f"{self.settings.public_url}/uploads/{file_name}",
-            "size": stored["size"],
-            "sha256": stored["sha256"],
-            "contentType": stored["content_type"],
-            "originalName": stored["original_name"],
-        }
+        return UploadedFile(
+            file_name=file_name,
+            session_id=session_id,
+            image_url=f"{self.settings.public_url}/uploads/{file_name}",
+            size=stored["size"],
+            sha256=stored["sha256"],
+            content_type=stored["content_type"],
+            original_name=stored["original_name"],
+        )
 
     async def discard(self) -> None:
         """Undo what was stored for an upload that failed."""
@@ -314,7 +334,7 @@ def form_allowance(settings: GatewaySettings) -> int:
 
 
 @post("/upload", status_code=202, request_max_body_size=None)
-async def upload_file(request: Request) -> Response[dict[str, Any]]:
+async def upload_file(request: Request) -> Response[UploadReply]:
     ctx = _context(request)
     settings = ctx.settings
     upload: _Upload | None = None
@@ -373,7 +393,7 @@ async def upload_file(request: Request) -> Response[dict[str, Any]]:
         if upload is not None:
             await upload.discard()
         raise
-    return Response({"message": UPLOAD_OK, "data": data}, status_code=202)
+    return Response(UploadReply(message=UPLOAD_OK, data=data), status_code=202)
 
 
 def _content_disposition(original_name: str) -> str:
