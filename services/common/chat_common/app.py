@@ -16,7 +16,8 @@ from litestar import Litestar, Response, get
 from litestar.config.app import AppConfig
 from litestar.openapi import OpenAPIConfig
 from litestar.plugins import InitPluginProtocol
-from litestar.types import ASGIApp, Receive, Scope, Send
+from litestar.enums import ScopeType
+from litestar.types import ASGIApp, HTTPResponseStartEvent, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 from chat_common.errors import EXCEPTION_HANDLERS
@@ -26,7 +27,7 @@ from chat_common.tracing import configure_tracing, shutdown_tracing
 ReadinessCheck = Callable[[], Awaitable[object]]
 logger = logging.getLogger(__name__)
 
-SERVICE_TOKEN_HEADER = "x-service-token"
+SERVICE_TOKEN_HEADER = "x-service-token"  # noqa: S105 - the header's name, not a secret
 REQUEST_ID_HEADER = "x-request-id"
 TURN_ID_HEADER = "x-turn-id"
 OPEN_PATHS = ("/health", "/ready", "/metrics")
@@ -74,13 +75,13 @@ class ContextMiddleware:
                 if not tokens_match(_header(scope, SERVICE_TOKEN_HEADER.encode()), self.service_token):
                     await _send_json(send, 401, _UNAUTHORIZED)
                     return
-            if scope["type"] != "http":
+            if scope["type"] != ScopeType.HTTP:
                 await self.app(scope, receive, send)
                 return
             started = time.perf_counter()
             status_holder = {"status": 500}
 
-            async def send_wrapper(message: dict) -> None:  # type: ignore[type-arg]
+            async def send_wrapper(message: Message) -> None:
                 if message["type"] == "http.response.start":
                     status_holder["status"] = message["status"]
                     headers = list(message.get("headers", []))
@@ -102,8 +103,9 @@ async def _send_json(send: Send, status: int, body: bytes, *, close: bool = Fals
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if close:
         headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    start: HTTPResponseStartEvent = {"type": "http.response.start", "status": status, "headers": headers}
+    await send(start)
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 _LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
@@ -144,7 +146,7 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope["path"].rstrip("/")
-        if scope["type"] == "http":
+        if scope["type"] == ScopeType.HTTP:
             names = {key for key, _ in scope.get("headers", [])}
             if b"transfer-encoding" in names and b"content-length" in names:
                 await _send_json(send, 400, _AMBIGUOUS_BODY, close=True)
@@ -282,4 +284,4 @@ class ServicePlugin(InitPluginProtocol):
 
         names: Sequence[str] = list(self.readiness_checks)
         outcomes = await asyncio.gather(*(run(n, self.readiness_checks[n]) for n in names))
-        return dict(zip(names, outcomes))
+        return dict(zip(names, outcomes, strict=True))

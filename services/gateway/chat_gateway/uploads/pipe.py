@@ -8,15 +8,15 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from chat_common.client import ServiceClient
 from chat_common.errors import UpstreamError
+from chat_gateway.clients import FilesClient
 
 QUEUE_CHUNKS = 8
 _EOF = None
 
 
 class FilePipe:
-    def __init__(self, files: ServiceClient, params: dict[str, str]) -> None:
+    def __init__(self, files: FilesClient, params: dict[str, str]) -> None:
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_CHUNKS)
         self._task: asyncio.Task[Any] = asyncio.create_task(
             files.post("/v1/uploads", params=params, content=self._body())
