@@ -17,7 +17,7 @@ from chat_billing.pg import Pg
 from chat_billing.users.services import require_known_models
 from chat_common import contracts as c
 from chat_common.db import delete_naming, refresh_statistics, tables_with_columns
-from chat_common.errors import BadRequestError, ConflictError, NotFoundError
+from chat_common.errors import BadRequestError, ConflictError, NotFoundError, ValidationError
 
 # A ledger of many years goes in one body.
 MAX_IMPORT_BYTES = 512 * 1024 * 1024
@@ -67,7 +67,25 @@ PSEUDONYMIZE = "UPDATE ledger SET user_id = $2 WHERE user_id = $1"
 ERASE_IDEMPOTENCY = "DELETE FROM idempotency WHERE strpos(coalesce(response, ''), $1) > 0 OR strpos(key, $1) > 0"
 
 _details = msgspec.json.Decoder(dict[str, Any])
-_import = msgspec.json.Decoder(c.BillingExport)
+class BillingImport(c.BillingExport, kw_only=True, forbid_unknown_fields=True):
+    """The import body: an export, refusing fields an export does not have (like every request
+    body of billing); the rows inside are the export format's."""
+
+
+class BillingEraseIn(c.BillingErase, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+_import = msgspec.json.Decoder(BillingImport)
+_erase = msgspec.json.Decoder(BillingEraseIn)
+
+
+def _body_error(what: str, exc: msgspec.DecodeError) -> BadRequestError:
+    """Malformed JSON is ``bad_request``; JSON of the wrong shape (an unknown field, a missing
+    one) ``validation_error``, as Litestar answers for the bodies it decodes itself."""
+    if isinstance(exc, msgspec.ValidationError):
+        return ValidationError(f"{what}: {exc}", details=[{"message": str(exc), "key": "data", "source": "body"}])
+    return BadRequestError(f"{what}: {exc}")
 
 
 def _count(status: str) -> int:
@@ -211,13 +229,15 @@ class BillingAdminController(Controller):
         try:
             data = _import.decode(await request.body())
         except msgspec.DecodeError as exc:
-            raise BadRequestError(f"not a billing export: {exc}") from None
+            raise _body_error("not a billing export", exc) from None
         return await billing_admin.import_(data)
 
     @post("/{user_id:str}/erase", status_code=200)
     async def erase_user(self, billing_admin: Admin, user_id: FromPath[str], request: Request[Any, Any, Any]) -> c.Removed:
         try:
-            data = msgspec.json.decode(await request.body(), type=c.BillingErase)
+            data = _erase.decode(await request.body())
         except msgspec.DecodeError as exc:
-            raise BadRequestError(f"bad erase request: {exc}") from None
-        return await billing_admin.erase(parse_uuid(user_id, "user_id"), parse_uuid(data.pseudonym, "pseudonym"))
+            raise _body_error("bad erase request", exc) from None
+        return await billing_admin.erase(
+            parse_uuid(user_id, "user_id"), parse_uuid(data.pseudonym, "pseudonym", "body")
+        )

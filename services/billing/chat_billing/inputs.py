@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import uuid
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
+from chat_common import errors
 from chat_common.errors import BadRequestError
 from chat_common.money import NANOS_PER_DOLLAR, dollars_to_nanos
 
@@ -40,17 +41,16 @@ TtlSeconds = Annotated[int, msgspec.Meta(ge=1, le=MAX_TTL_SECONDS)]
 ContextLength = Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS)]
 
 
-def parse_uuid(raw: str, name: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(raw)
-    except (ValueError, TypeError, AttributeError):
-        raise BadRequestError(f"{name} must be a UUID", details={"field": name}) from None
+def parse_uuid(raw: str, name: str, source: Literal["path", "query", "body"] = "path") -> uuid.UUID:
+    """A malformed id is 400 ``validation_error``, as in every service (chat_common.errors)."""
+    return errors.parse_uuid(raw, name, source)
 
 
 def parse_model_id(raw: str) -> int:
     if not raw.isascii() or not raw.isdigit() or len(raw) > 10 or int(raw) > MAX_MODEL_ID:
-        raise BadRequestError(
-            f"model_id must be an integer from 0 to {MAX_MODEL_ID}", details={"field": "model_id"}
+        raise errors.ValidationError(
+            f"model_id must be an integer from 0 to {MAX_MODEL_ID}",
+            details=[{"message": "Invalid model id", "key": "model_id", "source": "path"}],
         )
     return int(raw)
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
@@ -38,6 +39,26 @@ class BadRequestError(AppError):
     status_code = 400
     code = "bad_request"
     default_message = "Bad request"
+
+
+class ValidationError(BadRequestError):
+    """400 ``validation_error``: a parameter or body that does not have its declared shape (a
+    malformed id, an unknown body field). The same answer Litestar gives for a value that does
+    not decode into its type; ``details`` is a list of ``{message, key, source}``."""
+
+    code = "validation_error"
+    default_message = "Validation failed"
+
+
+def parse_uuid(value: str, key: str, source: Literal["path", "query", "body"] = "path") -> uuid.UUID:
+    """An id taken as a string (so a malformed one reaches the handler instead of missing the
+    route with a 404) and parsed: every service answers a malformed one alike."""
+    try:
+        return uuid.UUID(value)
+    except (ValueError, TypeError, AttributeError):
+        raise ValidationError(
+            f"{key} must be a UUID", details=[{"message": "Invalid UUID", "key": key, "source": source}]
+        ) from None
 
 
 class UnauthorizedError(AppError):
@@ -180,7 +201,7 @@ def app_error_handler(_: Request[Any, Any, Any], exc: AppError) -> Response[Any]
 
 def http_exception_handler(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     if isinstance(exc, ValidationException):
-        body = {"error": {"code": "validation_error", "message": exc.detail, "details": exc.extra}}
+        body = {"error": {"code": "validation_error", "message": _validation_message(exc), "details": exc.extra}}
         return Response(content=body, status_code=400)
     code = {
         400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
@@ -189,6 +210,16 @@ def http_exception_handler(_: Request[Any, Any, Any], exc: HTTPException) -> Res
         exc.status_code, "http_error"
     )
     return Response(content={"error": {"code": code, "message": exc.detail}}, status_code=exc.status_code)
+
+
+def _validation_message(exc: ValidationException) -> str:
+    """A malformed UUID parameter reads as ``parse_uuid`` says it, whichever of them refused it."""
+    extra = exc.extra
+    if isinstance(extra, list) and len(extra) == 1 and isinstance(extra[0], dict):
+        problem = extra[0]
+        if problem.get("message") == "Invalid UUID" and isinstance(problem.get("key"), str):
+            return f"{problem['key']} must be a UUID"
+    return exc.detail
 
 
 # A dependency that is down or restarting: the request may simply be sent again (503, which

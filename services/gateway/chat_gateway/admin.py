@@ -43,6 +43,7 @@ from chat_common.errors import (
     NotFoundError,
     ServiceUnavailableError,
     UnauthorizedError,
+    parse_uuid,
 )
 from chat_gateway.clients import BillingClient, FilesClient, SessionsClient
 from chat_gateway.context import GatewayContext
@@ -67,10 +68,7 @@ def authorize(request: Request[Any, Any, Any]) -> GatewayContext:
 
 
 def canonical_user(value: str) -> str:
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise BadRequestError("user_id must be a UUID") from None
+    return str(parse_uuid(value, "user_id"))
 
 
 def _mac(secret: str, purpose: bytes, user_id: str) -> bytes:

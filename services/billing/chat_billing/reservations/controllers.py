@@ -37,7 +37,9 @@ class ReservationController(Controller):
     async def get_reservation(
         self, reservation_id: FromPath[str], user_id: FromQuery[str], reservations: Reservations
     ) -> ReservationReply:
-        return await reservations.get(parse_uuid(reservation_id, "reservation_id"), parse_uuid(user_id, "user_id"))
+        return await reservations.get(
+            parse_uuid(reservation_id, "reservation_id"), parse_uuid(user_id, "user_id", "query")
+        )
 
     @post("/{reservation_id:str}/settle", status_code=200)
     async def settle(

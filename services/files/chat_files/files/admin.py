@@ -16,7 +16,7 @@ from minio.deleteobjects import DeleteObject
 from sqlalchemy import delete, insert, select
 
 from chat_common import contracts as c
-from chat_common.errors import BadRequestError, ConflictError, ServiceUnavailableError
+from chat_common.errors import BadRequestError, ConflictError, ServiceUnavailableError, parse_uuid
 from chat_files.files.models import files
 from chat_files.files.services import FILE_NAME_PATTERN, FilesService
 from chat_files.files.storage import ObjectStorage
@@ -27,10 +27,7 @@ MAX_IMPORT_BYTES = 256 * 1024 * 1024
 
 
 def _user(value: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        raise BadRequestError("user_id must be a UUID") from None
+    return parse_uuid(value, "user_id")
 
 
 class FilesAdmin:
@@ -122,6 +119,11 @@ class FilesAdmin:
 Admin = NamedDependency[FilesAdmin]
 
 
+class FilesImport(c.FilesExport, kw_only=True, forbid_unknown_fields=True):
+    """The import body: an export, refusing fields an export does not have (like every request
+    body of this service); the files inside are the export format's."""
+
+
 class FilesAdminController(Controller):
     """``/v1/admin/users/{id}/files``: every file of one user (service token required)."""
 
@@ -139,7 +141,7 @@ class FilesAdminController(Controller):
 
     @post("/{user_id:str}/files/import", status_code=200, request_max_body_size=MAX_IMPORT_BYTES)
     async def import_files(
-        self, files_admin: Admin, user_id: FromPath[str], data: JSONBody[c.FilesExport]
+        self, files_admin: Admin, user_id: FromPath[str], data: JSONBody[FilesImport]
     ) -> c.ImportedCount:
         return await files_admin.import_(_user(user_id), data)
 

@@ -14,7 +14,7 @@ from litestar.handlers.base import BaseRouteHandler
 from litestar.params import Parameter
 from litestar.response import Stream
 
-from chat_common.errors import BadRequestError, NotFoundError
+from chat_common.errors import BadRequestError, NotFoundError, parse_uuid
 from chat_files.files import schemas
 from chat_files.files.content_types import HEAD_BYTES
 from chat_files.files.services import FILE_NAME_PATTERN, FilesService
@@ -114,12 +114,12 @@ class FilesController(Controller):
             await files.check_quota(user_id, len(head) if complete else 0)
         return result
 
-    @post("/sessions/{session_id:uuid}/files", status_code=201, request_max_body_size=None)
+    @post("/sessions/{session_id:str}/files", status_code=201, request_max_body_size=None)
     async def upload_to_session(
         self,
         request: Request,
         files: FilesService,
-        session_id: uuid.UUID,
+        session_id: str,
         user_id: uuid.UUID,
         original_name: OriginalName,
     ) -> schemas.File:
@@ -127,7 +127,7 @@ class FilesController(Controller):
             _body(request),
             original_name=original_name,
             user_id=user_id,
-            session_id=session_id,
+            session_id=parse_uuid(session_id, "session_id"),
             content_length=_content_length(request),
         )
 
@@ -180,19 +180,19 @@ class FilesController(Controller):
         gateway dropping an upload whose form never named a valid user)."""
         await files.delete(_checked_name(file_name), user_id)
 
-    @get("/sessions/{session_id:uuid}/files")
-    async def list_session_files(self, files: FilesService, session_id: uuid.UUID, user_id: uuid.UUID) -> schemas.FileList:
-        return await files.session_files(session_id, user_id)
+    @get("/sessions/{session_id:str}/files")
+    async def list_session_files(self, files: FilesService, session_id: str, user_id: uuid.UUID) -> schemas.FileList:
+        return await files.session_files(parse_uuid(session_id, "session_id"), user_id)
 
-    @delete("/sessions/{session_id:uuid}/files", status_code=200)
+    @delete("/sessions/{session_id:str}/files", status_code=200)
     async def delete_session_files(
-        self, files: FilesService, session_id: uuid.UUID, user_id: uuid.UUID
+        self, files: FilesService, session_id: str, user_id: uuid.UUID
     ) -> schemas.Deleted:
-        return await files.delete_session_files(session_id, user_id)
+        return await files.delete_session_files(parse_uuid(session_id, "session_id"), user_id)
 
-    @get("/users/{user_id:uuid}/usage")
-    async def usage(self, files: FilesService, user_id: uuid.UUID) -> schemas.Usage:
-        return await files.usage(user_id)
+    @get("/users/{user_id:str}/usage")
+    async def usage(self, files: FilesService, user_id: str) -> schemas.Usage:
+        return await files.usage(parse_uuid(user_id, "user_id"))
 
     @post("/sweep", status_code=200)
     async def sweep(self, files: FilesService) -> schemas.SweepResult:

@@ -13,11 +13,9 @@ from chat_common import contracts
 
 MAX_ORIGINAL_NAME_INPUT = 1024
 MAX_TURN_ID_CHARS = 200
-MAX_IDEMPOTENCY_KEY_CHARS = 200
 
 # Printable only: PostgreSQL text cannot hold NUL, and ids have no business holding controls.
 TurnId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TURN_ID_CHARS, pattern=r"^[^\x00-\x1f\x7f]+$")]
-IdempotencyKey = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_IDEMPOTENCY_KEY_CHARS)]
 
 
 class File(contracts.FileRecord, kw_only=True):
@@ -34,18 +32,19 @@ class File(contracts.FileRecord, kw_only=True):
     turn_id: str | None = None
 
 
-class Attach(msgspec.Struct):
+# Request bodies refuse unknown fields (400 validation_error), like every service's. Neither
+# takes an idempotency_key: attaching a file to the session it is attached to, or marking a
+# used file used, answers the file as it is, so a repeat is harmless without one, and a key
+# accepted and then ignored would only suggest a guarantee that is not there.
+class Attach(msgspec.Struct, forbid_unknown_fields=True):
     user_id: uuid.UUID
     session_id: uuid.UUID
-    # Attaching is idempotent by itself; the key is accepted for the common contract.
-    idempotency_key: IdempotencyKey | None = None
 
 
-class MarkUsed(contracts.FileUse, kw_only=True):
+class MarkUsed(contracts.FileUse, kw_only=True, forbid_unknown_fields=True):
     user_id: uuid.UUID  # type: ignore[assignment]
     session_id: uuid.UUID  # type: ignore[assignment]
     turn_id: TurnId
-    idempotency_key: IdempotencyKey | None = None
 
 
 class FileList(msgspec.Struct):

@@ -282,7 +282,7 @@ class _Upload:
         if self.stored.get("session_id") != session_id:
             self.stored = await self.ctx.files.post(
                 f"/v1/files/{file_name}/attach",
-                json={"user_id": self.user_id, "session_id": session_id, "idempotency_key": f"attach:{file_name}"},
+                json={"user_id": self.user_id, "session_id": session_id},
             )
         stored = self.stored
         return UploadedFile(

@@ -17,7 +17,7 @@ from litestar.params import FromPath, JSONBody
 
 from chat_common import contracts as c
 from chat_common.db import delete_naming, refresh_statistics, tables_with_columns
-from chat_common.errors import BadRequestError, ConflictError, NotFoundError
+from chat_common.errors import BadRequestError, ConflictError, NotFoundError, ValidationError, parse_uuid
 from chat_sessions.sessions.services import SessionsService, clean_text
 
 # An import of a big history goes in one body.
@@ -86,15 +86,15 @@ def _erasure(row: Any) -> c.Erasure:
 
 
 def _user(value: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        raise BadRequestError("user_id must be a UUID") from None
+    return parse_uuid(value, "user_id")
 
 
 def _subject(value: str) -> str:
     if len(value) != 64 or any(ch not in "0123456789abcdef" for ch in value):
-        raise BadRequestError("subject must be 64 lower-case hex digits")
+        raise ValidationError(
+            "subject must be 64 lower-case hex digits",
+            details=[{"message": "Invalid subject", "key": "subject", "source": "path"}],
+        )
     return value
 
 
@@ -231,6 +231,21 @@ class SessionsAdmin:
 Admin = NamedDependency[SessionsAdmin]
 
 
+class SessionsImport(c.SessionsExport, kw_only=True, forbid_unknown_fields=True):
+    """The import body: an export, refusing fields an export does not have (like every request
+    body of this service); the sessions inside are the export format's."""
+
+
+class RemovedIn(c.Removed, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class ErasureStepIn(c.ErasureStep, kw_only=True, forbid_unknown_fields=True):
+    """A step's record, refusing unknown fields."""
+
+    removed: RemovedIn
+
+
 class SessionsAdminController(Controller):
     """``/v1/admin``: one user's sessions as a whole (export, import, erase), and the progress
     records of erases. Service token required, like every call of this service."""
@@ -247,7 +262,7 @@ class SessionsAdminController(Controller):
         return await admin.keys(_user(user_id))
 
     @post("/users/{user_id:str}/import", status_code=200, request_max_body_size=MAX_IMPORT_BYTES)
-    async def import_user(self, admin: Admin, user_id: FromPath[str], data: JSONBody[c.SessionsExport]) -> c.ImportedCount:
+    async def import_user(self, admin: Admin, user_id: FromPath[str], data: JSONBody[SessionsImport]) -> c.ImportedCount:
         return await admin.import_(_user(user_id), data)
 
     @post("/users/{user_id:str}/erase", status_code=200)
@@ -263,7 +278,7 @@ class SessionsAdminController(Controller):
         return await admin.erasure_start(subject)
 
     @post("/erasures/{subject:str}/steps", status_code=200)
-    async def erasure_step(self, admin: Admin, subject: FromPath[str], data: JSONBody[c.ErasureStep]) -> c.Erasure:
+    async def erasure_step(self, admin: Admin, subject: FromPath[str], data: JSONBody[ErasureStepIn]) -> c.Erasure:
         return await admin.erasure_step(subject, data)
 
     @post("/erasures/{subject:str}/finish", status_code=200)

@@ -4,10 +4,10 @@ import uuid
 from typing import Annotated
 
 from litestar import Controller, delete, get, post, put
-from litestar.exceptions import ValidationException
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 
+from chat_common.errors import parse_uuid
 from chat_sessions.sessions import schemas
 from chat_sessions.sessions.services import SessionsService
 
@@ -19,13 +19,7 @@ SessionIdPath = FromPath[str]
 def parse_session_id(value: str, key: str = "session_id") -> uuid.UUID:
     # Taken as a string and parsed here: a `{session_id:uuid}` route would answer a malformed
     # id with a 404 (no route), which reads like "session not found" instead of "bad input".
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        raise ValidationException(
-            detail=f"{key} must be a UUID",
-            extra=[{"message": "Invalid UUID", "key": key, "source": "path"}],
-        ) from None
+    return parse_uuid(value, key)
 
 
 class SessionsController(Controller):

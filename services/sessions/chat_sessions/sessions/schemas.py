@@ -1,6 +1,8 @@
 """Request and reply bodies. Size limits live here so that Litestar rejects oversize input with
 a 400 before any of it reaches the database. The replies a chat turn reads are the structs of
-``chat_common.contracts``, extended here (ids as UUIDs, timestamps), not declared twice."""
+``chat_common.contracts``, extended here (ids as UUIDs, timestamps), not declared twice.
+Request bodies refuse unknown fields (400 ``validation_error``), nested ones included: every
+field a caller's contract struct sends is declared here (tests/foundation/test_one_answer.py)."""
 from __future__ import annotations
 
 import uuid
@@ -40,7 +42,7 @@ IdempotencyKey = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_IDEMPO
 Role = Literal["user", "assistant", "file"]
 
 
-class SessionCreate(msgspec.Struct):
+class SessionCreate(msgspec.Struct, forbid_unknown_fields=True):
     user_id: uuid.UUID
     name: Name
     model_name: Name
@@ -49,7 +51,7 @@ class SessionCreate(msgspec.Struct):
     idempotency_key: IdempotencyKey | None = None
 
 
-class EntryIn(msgspec.Struct):
+class EntryIn(msgspec.Struct, forbid_unknown_fields=True):
     role: Role
     content: Content
 
@@ -58,7 +60,7 @@ Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT8)]
 Seq = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT4)]
 
 
-class Receipt(msgspec.Struct, omit_defaults=True):
+class Receipt(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
     """``contracts.ReceiptDetails`` with bounds: kept with the owed charge (migration 0007) and
     handed back with it, so a charge replayed from the outbox gets a complete receipt."""
 
@@ -70,7 +72,7 @@ class Receipt(msgspec.Struct, omit_defaults=True):
     prompt_sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")] | None = None
 
 
-class OwedCharge(msgspec.Struct):
+class OwedCharge(msgspec.Struct, forbid_unknown_fields=True):
     """What the stored turn (or summary) owes billing; goes to the outbox in its transaction."""
 
     cost_nanos: Annotated[int, msgspec.Meta(ge=0, le=MAX_INT8)]
@@ -79,7 +81,7 @@ class OwedCharge(msgspec.Struct):
     receipt: Receipt | None = None
 
 
-class TurnAppend(msgspec.Struct):
+class TurnAppend(msgspec.Struct, forbid_unknown_fields=True):
     user_id: uuid.UUID
     turn_id: uuid.UUID
     entries: Annotated[list[EntryIn], msgspec.Meta(min_length=1, max_length=MAX_ENTRIES_PER_TURN)]
@@ -90,7 +92,7 @@ class TurnAppend(msgspec.Struct):
     charge: OwedCharge | None = None
 
 
-class SummaryUpdate(msgspec.Struct):
+class SummaryUpdate(msgspec.Struct, forbid_unknown_fields=True):
     user_id: uuid.UUID
     summary: Summary
     summarized_upto: Annotated[int, msgspec.Meta(ge=0, le=MAX_INT4)]
@@ -166,7 +168,7 @@ class OutboxPage(contracts.OutboxPage, kw_only=True):
     items: list[OutboxItem]  # type: ignore[assignment]
 
 
-class OutboxAck(msgspec.Struct):
+class OutboxAck(msgspec.Struct, forbid_unknown_fields=True):
     outbox_ids: Annotated[list[Annotated[int, msgspec.Meta(ge=1, le=MAX_INT8)]], msgspec.Meta(max_length=MAX_OUTBOX_ACK)]
 
 
