@@ -57,7 +57,7 @@ def no_error_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
 
 
 async def create_user(
-    client: AsyncTestClient, *, balance: str | int = "1", models: list[int] | None = None, **extra: Any
+    client: AsyncTestClient, *, balance: str | int | None = "1", models: list[int] | None = None, **extra: Any
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "username": f"user-{uuid.uuid4().hex[:8]}",

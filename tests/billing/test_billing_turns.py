@@ -362,7 +362,7 @@ async def test_statements_sent_per_call(billing: AsyncTestClient, billing_databa
             held = await reservations.reserve(ReserveRequest(
                 user_id=user_id, input_tokens=10, output_tokens=10, idempotency_key=f"reserve:{turn}",
                 model_id=LLAMA, turn_id=turn))
-            rid = uuid.UUID(held.reservation_id)  # type: ignore[union-attr]
+            rid = uuid.UUID(held.reservation_id)
             await reservations.lease(rid, LeaseRequest(user_id=user_id, ttl_seconds=30))
             await reservations.settle(rid, SettleRequest(cost_nanos=5, idempotency_key=f"settle:{turn}",
                                                          turn_id=turn, user_id=user_id))
@@ -384,7 +384,7 @@ async def test_statements_sent_per_call(billing: AsyncTestClient, billing_databa
             held = await reservations.reserve(ReserveRequest(
                 user_id=user_id, input_tokens=10, output_tokens=10, idempotency_key=turn, model_id=LLAMA,
                 turn_id=turn))
-            rid = held.reservation_id  # type: ignore[union-attr]
+            rid = held.reservation_id
             await reservations.settle(uuid.UUID(rid), SettleRequest(cost_nanos=5, idempotency_key=turn))
             settled.append(ChargeIn(key=f"turn:{turn}", kind="turn", user_id=str(user_id), session_id="s",
                                     turn_id=turn, cost_nanos=5, reservation_id=rid))

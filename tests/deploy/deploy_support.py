@@ -312,14 +312,14 @@ def _merge(base: Any, patch: Any) -> Any:
         isinstance(base, list) and isinstance(patch, list)
         and all(isinstance(i, dict) and "name" in i for i in base + patch)
     ):
-        out = [copy.deepcopy(i) for i in base]
-        index = {item["name"]: n for n, item in enumerate(out)}
+        merged = [copy.deepcopy(i) for i in base]
+        index = {item["name"]: n for n, item in enumerate(merged)}
         for item in patch:
             if item["name"] in index:
-                out[index[item["name"]]] = _merge(out[index[item["name"]]], item)
+                merged[index[item["name"]]] = _merge(merged[index[item["name"]]], item)
             else:
-                out.append(copy.deepcopy(item))
-        return out
+                merged.append(copy.deepcopy(item))
+        return merged
     return copy.deepcopy(patch)
 
 
@@ -446,6 +446,8 @@ def selector_matches(selector: dict[str, Any] | None, labels: dict[str, str]) ->
     """A LabelSelector (matchLabels + matchExpressions) or a plain map (Service selector)."""
     if selector is None:
         return False
+    match_labels: dict[str, Any]
+    expressions: list[dict[str, Any]]
     if "matchLabels" not in selector and "matchExpressions" not in selector:
         match_labels, expressions = selector, []
     else:
@@ -600,7 +602,7 @@ def environment(values: dict[str, str], clear: set[str]) -> Iterator[None]:
         os.environ.update(saved)
 
 
-def settings_class(svc: Svc) -> type:
+def settings_class(svc: Svc) -> type[Any]:
     """The service's own settings dataclass (``<Svc>Settings`` with ``from_env``)."""
     module = importlib.import_module(f"{svc.module}.settings")
     candidates = [

@@ -5,6 +5,7 @@ them (their own settings code is run with the environment a container would get)
 from __future__ import annotations
 
 import re
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -76,7 +77,8 @@ def test_images_are_ours_or_pinned(compose) -> None:
                 assert built, f"{name}: uses {image}, which no service builds"
     for svc in SERVICES:
         image = compose["services"][svc]["image"]
-        assert OUR_IMAGE.match(image) and OUR_IMAGE.match(image)["svc"] == svc, f"{svc}: image {image}"
+        match = OUR_IMAGE.match(image)
+        assert match and match["svc"] == svc, f"{svc}: image {image}"
 
 
 def test_only_the_gateway_is_published(compose, env_sample) -> None:
@@ -172,7 +174,7 @@ def test_services_bind_and_find_each_other(compose, env_sample) -> None:
     keys = set(scan_env_keys().keys)
     healthcheck = load_healthcheck()
     listening: dict[str, int] = dict(INFRA)
-    settings_of: dict[str, object] = {}
+    settings_of: dict[str, Any] = {}
     skipped = []
     for svc in SERVICES.values():
         try:

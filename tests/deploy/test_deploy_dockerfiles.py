@@ -213,7 +213,12 @@ def test_healthcheck_names_its_service_from_the_image(monkeypatch: pytest.Monkey
     monkeypatch.setenv("CHAT_SERVICE", "nonsense")
     assert healthcheck.main([]) == 2
     asked: list[tuple[int, str]] = []
-    monkeypatch.setattr(healthcheck, "check_http", lambda port, path: asked.append((port, path)) or True)
+
+    def check_http(port: int, path: str) -> bool:
+        asked.append((port, path))
+        return True
+
+    monkeypatch.setattr(healthcheck, "check_http", check_http)
     monkeypatch.setenv("CHAT_SERVICE", "billing")
     monkeypatch.delenv("BILLING_PORT", raising=False)
     assert healthcheck.main([]) == 0 and asked == [(8003, "/health")]

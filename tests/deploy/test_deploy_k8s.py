@@ -193,6 +193,7 @@ def test_service_pods_are_hardened_and_sized(rendered) -> None:
     for workload in workloads(docs):
         spec = pod_spec(workload)
         name = f"{workload['kind']}/{workload['metadata']['name']}"
+        assert spec is not None, f"{name}: a pod template"
         assert spec.get("securityContext", {}).get("runAsNonRoot") is True, f"{name}: runAsNonRoot"
         # Services named sessions, redis... would inject SESSIONS_PORT=tcp://... and friends,
         # which the services read as integers.
@@ -375,6 +376,7 @@ def test_overlay_provides_every_address_in_the_config(directory: Path) -> None:
         parts = urlsplit(env[key])
         addresses[key] = (parts.hostname, parts.port)
     for key, (host, port) in addresses.items():
+        assert host is not None, f"{key}: no host"
         service = find(docs, "Service", host)
         assert service is not None, f"{key}: no Service {host} in {rel(directory)}"
         if service["spec"].get("type") == "ExternalName":
@@ -397,7 +399,9 @@ def test_dev_overlay_runs_the_engines_with_storage() -> None:
     assert any(j["metadata"]["name"] == "minio-init" for j in by_kind(docs, "Job")), "a Job creates the bucket"
     policies = by_kind(docs, "NetworkPolicy")
     for name in INFRA_PORTS:
-        labels = pod_labels(find(docs, "StatefulSet", name))
+        workload = find(docs, "StatefulSet", name)
+        assert workload is not None, f"overlays/dev: StatefulSet {name}"
+        labels = pod_labels(workload)
         assert any(selector_matches(p["spec"]["podSelector"], labels) for p in policies if p["spec"]["podSelector"]), (
             f"overlays/dev: nothing may reach {name} past the default deny"
         )

@@ -100,6 +100,7 @@ def test_probe_paths_are_routes(svc: Svc) -> None:
 def test_ingress_paths_are_gateway_routes() -> None:
     routes = route_paths(SERVICES["gateway"])
     ingress = find(render_kustomization(K8S_BASE), "Ingress", "gateway")
+    assert ingress is not None, "an Ingress for the gateway"
     missing = []
     for rule in ingress["spec"]["rules"]:
         for path in rule["http"]["paths"]:

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import httpx
@@ -92,7 +92,7 @@ async def running_app(settings: FilesSettings, service_token: str | None) -> Asy
     headers = {"X-Service-Token": service_token} if service_token else {}
     try:
         async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://files.test", headers=headers, timeout=60
+            transport=httpx.ASGITransport(app=cast(Any, app)), base_url="http://files.test", headers=headers, timeout=60  # litestar types ASGI scopes as TypedDicts, httpx as MutableMappings
         ) as http:
             http.app = app  # type: ignore[attr-defined]
             yield http

@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from dataclasses import replace
 from urllib.parse import urlsplit
+from typing import Any, cast
 
 import asyncpg
 import httpx
@@ -315,7 +316,7 @@ async def test_ready_checks_database_and_bucket(client: httpx.AsyncClient, setti
     from chat_files.app import create_app
 
     app = create_app(missing)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://f") as bare:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=cast(Any, app)), base_url="http://f") as bare:  # litestar types ASGI scopes as TypedDicts, httpx as MutableMappings
         response = await bare.get("/ready")
     app.state.files.storage.close()
     await app.state.files.engine.dispose()
@@ -391,7 +392,7 @@ async def test_an_unreachable_object_store_is_a_503_not_a_500(settings: FilesSet
 
     down = replace(settings, s3_endpoint=f"http://127.0.0.1:{free_port()}")  # nothing listens there
     app = create_app(down)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://f",
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=cast(Any, app)), base_url="http://f",  # litestar types ASGI scopes as TypedDicts, httpx as MutableMappings
                                  headers={"X-Service-Token": service_token}, timeout=60) as client:
         owner = new_id()
         response = await client.post("/v1/uploads", params={"original_name": "a.txt", "user_id": owner},

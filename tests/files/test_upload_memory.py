@@ -6,7 +6,7 @@ by another module's traffic would hide growth)."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import httpx
 import pytest
@@ -58,7 +58,7 @@ async def warm_up(client: httpx.AsyncClient, user: str, pair: tuple[ServiceProce
         assert (await client.get(f"/uploads/{response.json()['data']['fileName']}")).status_code == 200
 
 
-def text_chunks(total: int, chunk: int = 256 * 1024) -> Iterator[bytes]:
+def text_chunks(total: int, chunk: int = 256 * 1024) -> Iterable[bytes]:
     line = b"All work and no play makes Jack a dull boy.\n"
     return repeated((line * (chunk // len(line) + 1))[:chunk], total)
 

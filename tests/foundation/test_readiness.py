@@ -80,7 +80,7 @@ def test_database_services_ready_follow_postgres(system: Stack, private_dir: Pat
         )
         with urllib.request.urlopen(request, timeout=10) as response:
             assert response.status == 201
-        assert all(service.process.poll() is None for service in services)
+        assert all(service.process is not None and service.process.poll() is None for service in services)
     finally:
         for service in services:
             service.stop()

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import grpc
 import pytest
@@ -162,7 +162,7 @@ class StandInAI(pb_grpc.AIServiceServicer):
     port: int = 0
     server: Any = None
 
-    def start(self) -> "StandInAI":
+    def start(self) -> Self:
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=64))
         pb_grpc.add_AIServiceServicer_to_server(self, self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")

@@ -17,12 +17,14 @@ from .conftest import StandInAI, assert_ok, connect, new_user, start_gateway, ws
 async def test_sigterm_mid_turn_finishes_the_turn_then_goes_away(stack: Stack, stand_in_ai: StandInAI) -> None:
     gateway = start_gateway(stack, stand_in_ai.port, SHUTDOWN_GRACE_SECONDS="15")
     user = new_user(stack)
+    process = gateway.process
+    assert process is not None
     try:
         async with connect(ws_url(gateway)) as client:
             await client.send(3, user_id=user, session_id="NEW", model_name="llama3.1:8b",
                               message="slow:2 please finish me", session_prompt="", file_name="")
             await asyncio.sleep(0.7)  # the turn is now waiting on the AI
-            gateway.process.send_signal(signal.SIGTERM)
+            process.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.3)
             with pytest.raises((OSError, websockets.exceptions.InvalidHandshake, asyncio.TimeoutError)):
                 async with connect(ws_url(gateway)):
@@ -33,9 +35,9 @@ async def test_sigterm_mid_turn_finishes_the_turn_then_goes_away(stack: Stack, s
                 await client.recv(timeout=15)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
         started = time.monotonic()
-        gateway.process.wait(20)
+        process.wait(20)
         # uvicorn re-raises the captured SIGTERM once its shutdown is complete
-        assert gateway.process.returncode in (0, -signal.SIGTERM), gateway.log_tail()
+        assert process.returncode in (0, -signal.SIGTERM), gateway.log_tail()
         assert "Application shutdown complete" in gateway.log_tail()
         assert time.monotonic() - started < 20
     finally:

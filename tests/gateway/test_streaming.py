@@ -346,12 +346,13 @@ async def test_cancel_before_any_text_stores_and_charges_nothing(stack: Stack) -
         async with connect(ws_url(gateway)) as client:
             head = await start_stream(client, user, "NEW", "never answered")
             await client.send(9, user_id=user, turn_id=head["turn_id"])
-            frames = {}
+            frames: dict[int, dict[str, Any]] = {}
             while len(frames) < 2:  # the two replies may come in either order
                 frame = await client.recv()
                 assert frame.get("type") in (3, 9), frame  # no delta
                 frames[frame["type"]] = frame
-            cancelled, final, deltas = assert_ok(frames[9], 9), frames[3], []
+            deltas: list[Any] = []
+            cancelled, final = assert_ok(frames[9], 9), frames[3]
             sessions = assert_ok(await client.request(1, user_id=user), 1)["session_info"]
         assert cancelled["status"] == "cancelled"
         reply = assert_ok(final, 3)

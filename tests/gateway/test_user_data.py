@@ -131,7 +131,8 @@ async def postgres_hits(stack: Stack, needles: list[str]) -> list[str]:
 
 
 def redis_hits(stack: Stack, needles: list[str]) -> list[str]:
-    client = redis.Redis.from_url(stack.infra.redis_url)
+    # bytes replies (no decode_responses), which redis-py's types cannot tell from str ones
+    client: Any = redis.Redis.from_url(stack.infra.redis_url)
     wanted = [n.encode() for n in needles]
     hits: list[str] = []
     try:
@@ -306,9 +307,9 @@ async def test_export_then_import_into_a_fresh_system_answers_as_before(
         strip = lambda page: json.dumps(page, sort_keys=True).replace('"id"', "")  # noqa: E731
         if "ledger" in path:
             keep = ("kind", "amount_nanos", "balance_after_nanos", "turn_id", "created_at")
-            old = [{k: row.get(k) for k in keep} for row in old["items"]]
-            new = [{k: row.get(k) for k in keep} for row in new["items"]]
-            assert old and old == new
+            old_rows = [{k: row.get(k) for k in keep} for row in old["items"]]
+            new_rows = [{k: row.get(k) for k in keep} for row in new["items"]]
+            assert old_rows and old_rows == new_rows
         elif "limits" in path:
             assert old["daily"]["limit_nanos"] == new["daily"]["limit_nanos"] == 2_000_000_000
         else:

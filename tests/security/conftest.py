@@ -24,6 +24,7 @@ import websockets
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.typing import Origin, Subprotocol
 
 from devstack.servers import ServiceProcess, free_port
 from devstack.stack import Stack, wait_ready
@@ -229,7 +230,8 @@ class connect:
     async def __aenter__(self) -> Client:
         self._socket = await websockets.connect(
             self.url, max_size=None, open_timeout=10, additional_headers=self.headers,
-            subprotocols=self.subprotocols, origin=self.origin, ping_interval=None,
+            subprotocols=None if self.subprotocols is None else [Subprotocol(p) for p in self.subprotocols],
+            origin=None if self.origin is None else Origin(self.origin), ping_interval=None,
         )
         return Client(self._socket)
 

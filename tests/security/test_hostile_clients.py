@@ -328,7 +328,8 @@ async def test_token_times_must_be_numbers(strict_gateway: ServiceProcess) -> No
     url = ws_url(strict_gateway)
     for claim, value in (("exp", str(int(time.time()) + 600)), ("exp", "never"), ("nbf", "0"), ("iat", "now"),
                          ("exp", True)):
-        code, reason = await refused(url, token=hs_token(user, **{claim: value}))
+        overrides: dict[str, Any] = {claim: value}
+        code, reason = await refused(url, token=hs_token(user, **overrides))
         assert code == 1008, (claim, value, code, reason)
 
 

@@ -7,6 +7,7 @@ import json
 import urllib.error
 import urllib.request
 import uuid
+from typing import Any, cast
 
 import pytest
 
@@ -110,7 +111,7 @@ async def test_open_paths_are_exact_not_prefixes() -> None:
         return "internal"
 
     app = Litestar([lookalike], plugins=[ServicePlugin(name="probe", service_token="the-token")])
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://probe") as client:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=cast(Any, app)), base_url="http://probe") as client:  # litestar types ASGI scopes as TypedDicts, httpx as MutableMappings
         for path in ("/metrics-admin", "/healthcheck/deep", "/ready2"):
             assert (await client.get(path)).status_code == 401, path
             assert (await client.get(path, headers={"x-service-token": "the-token"})).status_code == 200, path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -40,7 +41,7 @@ def test_redact_leaves_ordinary_lines_alone() -> None:
         assert redact(line) == line
 
 
-def _settings(**changes: object) -> GatewaySettings:
+def _settings(**changes: Any) -> GatewaySettings:
     return replace(GatewaySettings.from_env(), **changes)
 
 

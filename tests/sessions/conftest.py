@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import httpx
@@ -50,7 +50,7 @@ async def concurrent_client(database_url: str, service_token: str) -> AsyncItera
     # lifespan work of this app is opening and closing its pool, done here.
     await app.state.sessions_service.start()
     async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app),
+        transport=httpx.ASGITransport(app=cast(Any, app)),  # litestar types ASGI scopes as TypedDicts, httpx as MutableMappings
         base_url="http://sessions.test",
         headers={"X-Service-Token": service_token},
     ) as http:

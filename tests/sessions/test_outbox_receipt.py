@@ -4,6 +4,7 @@ absent when not sent, and never leaking into another row of the same transaction
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import msgspec
 from litestar.testing import AsyncTestClient
@@ -12,7 +13,7 @@ from chat_common import contracts
 
 from .conftest import append_turn, create_session, fetch, new_id
 
-RECEIPT = {
+RECEIPT: dict[str, Any] = {
     "input_tokens": 120, "output_tokens": 34, "first_seq": 0, "last_seq": 1, "summarized_upto": 0,
     "prompt_sha256": "ab" * 32,
 }
@@ -37,7 +38,7 @@ async def test_a_turn_and_a_summary_keep_their_receipt_in_the_outbox(
     })
     # a charge without details, right after: nothing carried over from the one before
     await append_turn(client, session_id, user, plain, charge={"cost_nanos": 7})
-    fold = {"input_tokens": 50, "output_tokens": 9, "first_seq": 0, "last_seq": 5, "summarized_upto": 6}
+    fold: dict[str, Any] = {"input_tokens": 50, "output_tokens": 9, "first_seq": 0, "last_seq": 5, "summarized_upto": 6}
     stored = await client.put(f"/v1/sessions/{session_id}/summary", json={
         "user_id": user, "summary": "S6", "summarized_upto": 6, "turn_id": turn,
         "charge": {"cost_nanos": 700, "model_name": "gpt-4", "receipt": fold},

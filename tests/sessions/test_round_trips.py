@@ -9,6 +9,7 @@ import asyncio
 import struct
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -79,7 +80,7 @@ async def proxied(database_url: str, service_token: str) -> AsyncIterator[tuple[
     app = create_app(make_settings(url + "?sslmode=disable", service_token))
     await app.state.sessions_service.start()
     async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://sessions.test",
+        transport=httpx.ASGITransport(app=cast(Any, app)), base_url="http://sessions.test",  # litestar types ASGI scopes as TypedDicts, httpx as MutableMappings
         headers={"X-Service-Token": service_token},
     ) as http:
         yield http, proxy

@@ -126,7 +126,8 @@ async def test_entries_in_order_full_and_last(client: AsyncTestClient) -> None:
 async def test_entries_of_empty_session(client: AsyncTestClient) -> None:
     user = new_id()
     session_id = (await create_session(client, user))["session_id"]
-    for params in ({"user_id": user}, {"user_id": user, "last": 5}):
+    all_params: list[dict[str, str | int]] = [{"user_id": user}, {"user_id": user, "last": 5}]
+    for params in all_params:
         response = await client.get(f"/v1/sessions/{session_id}/entries", params=params)
         assert response.status_code == 200
         assert response.json() == {"items": []}

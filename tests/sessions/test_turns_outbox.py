@@ -7,6 +7,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
+import httpx
 import msgspec
 from litestar.testing import AsyncTestClient
 
@@ -18,7 +19,7 @@ from .conftest import append_turn, create_session, fetch, new_id
 TWO = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
 
 
-async def _post_turn(client: AsyncTestClient, session_id: str, body: dict[str, Any]):  # type: ignore[no-untyped-def]
+async def _post_turn(client: AsyncTestClient[Any], session_id: str, body: dict[str, Any]) -> httpx.Response:
     return await client.post(f"/v1/sessions/{session_id}/turns", json={"entries": TWO, **body})
 
 
@@ -73,7 +74,7 @@ async def test_replay_of_a_stored_turn_is_answered_whatever_the_count(client: As
     await append_turn(client, session_id, user, turn_b, expected_entry_count=2)
 
     for expected in (0, 2, 4, None):
-        fields = {} if expected is None else {"expected_entry_count": expected}
+        fields: dict[str, Any] = {} if expected is None else {"expected_entry_count": expected}
         replay = await append_turn(client, session_id, user, turn_a, **fields)
         assert replay == {**a, "created": False}
     decoded = msgspec.json.decode(
@@ -203,7 +204,7 @@ async def test_outbox_bad_input_is_a_400(client: AsyncTestClient) -> None:
 async def test_bad_fence_or_charge_is_a_400_and_writes_nothing(client: AsyncTestClient, database_url: str) -> None:
     user = new_id()
     session_id = (await create_session(client, user))["session_id"]
-    bodies = [
+    bodies: list[dict[str, Any]] = [
         {"expected_entry_count": -1}, {"expected_entry_count": "x"}, {"expected_entry_count": 2**31},
         {"charge": {"cost_nanos": -1}}, {"charge": {}}, {"charge": {"cost_nanos": 2**63}},
         {"charge": {"cost_nanos": 1, "model_name": ""}},
