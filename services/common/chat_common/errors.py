@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.types import ExceptionHandlersMap
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +283,7 @@ def unhandled_exception_handler(request: Request[Any, Any, Any], exc: Exception)
     return Response(content=AppError().to_body(), status_code=500)
 
 
-EXCEPTION_HANDLERS = {
+EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     AppError: app_error_handler,
     HTTPException: http_exception_handler,
     Exception: unhandled_exception_handler,
