@@ -120,7 +120,7 @@ async def erase_redis(redis: Redis, user_id: str, session_ids: list[str], turn_i
                 pipe.type(key)
             types = await pipe.execute()
         async with redis.pipeline(transaction=False) as pipe:
-            for key, kind in zip(keys, types):
+            for key, kind in zip(keys, types, strict=True):
                 kind = kind.decode() if isinstance(kind, bytes) else str(kind)
                 if kind == "string":
                     pipe.get(key)
@@ -137,7 +137,7 @@ async def erase_redis(redis: Redis, user_id: str, session_ids: list[str], turn_i
                 else:
                     pipe.exists(key)
             values = await pipe.execute()
-        for key, value in zip(keys, values):
+        for key, value in zip(keys, values, strict=True):
             if needle in key or any(found in ids for found in _UUID.findall(key)) or needle in _flatten(value):
                 doomed.add(key)
                 if key.startswith(b"turnstream:") and key.endswith(b":meta"):
