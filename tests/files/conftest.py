@@ -85,9 +85,10 @@ def settings(database_url: str, service_token: str, s3_server: S3Server, bucket:
 async def running_app(settings: FilesSettings, service_token: str | None) -> AsyncIterator[httpx.AsyncClient]:
     """The app in this test's loop behind httpx's ASGI transport, which streams a request body
     chunk by chunk into the app (Litestar's test client reads it whole first). What the
-    lifespan would do (bucket, clean-up) is done here; the sweep loop is off in tests."""
+    lifespan would do (pool, bucket, clean-up) is done here; the sweep loop is off in tests."""
     app = create_app(settings)
     service = app.state.files
+    await service.start()
     await service.storage.ensure_bucket()
     headers = {"X-Service-Token": service_token} if service_token else {}
     try:
@@ -98,7 +99,7 @@ async def running_app(settings: FilesSettings, service_token: str | None) -> Asy
             yield http
     finally:
         service.storage.close()
-        await service.engine.dispose()
+        await service.close()
 
 
 @pytest.fixture(scope="module")

@@ -316,10 +316,11 @@ async def test_ready_checks_database_and_bucket(client: httpx.AsyncClient, setti
     from chat_files.app import create_app
 
     app = create_app(missing)
+    await app.state.files.start()  # what the lifespan does first (ASGITransport runs no lifespan)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=cast(Any, app)), base_url="http://f") as bare:  # litestar types ASGI scopes as TypedDicts, httpx as MutableMappings
         response = await bare.get("/ready")
     app.state.files.storage.close()
-    await app.state.files.engine.dispose()
+    await app.state.files.close()
     assert response.status_code == 503 and response.json()["checks"]["bucket"].startswith("failed")
 
 
@@ -392,6 +393,7 @@ async def test_an_unreachable_object_store_is_a_503_not_a_500(settings: FilesSet
 
     down = replace(settings, s3_endpoint=f"http://127.0.0.1:{free_port()}")  # nothing listens there
     app = create_app(down)
+    await app.state.files.start()  # what the lifespan does first (ASGITransport runs no lifespan)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=cast(Any, app)), base_url="http://f",  # litestar types ASGI scopes as TypedDicts, httpx as MutableMappings
                                  headers={"X-Service-Token": service_token}, timeout=60) as client:
         owner = new_id()
@@ -403,4 +405,4 @@ async def test_an_unreachable_object_store_is_a_503_not_a_500(settings: FilesSet
         assert ready.status_code == 503 and ready.json()["checks"]["database"] == "ok"
         assert (await client.get(f"/v1/users/{owner}/usage")).json()["used_bytes"] == 0
     app.state.files.storage.close()
-    await app.state.files.engine.dispose()
+    await app.state.files.close()

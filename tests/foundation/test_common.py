@@ -140,8 +140,9 @@ def test_service_settings_read_prefixed_keys(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_unexpected_errors_are_classified_for_the_client() -> None:
-    from sqlalchemy.exc import DataError, IntegrityError, OperationalError
+    import asyncpg
 
+    import chat_common.db  # noqa: F401 - registers the PostgreSQL classifier, as the services owning tables do
     from chat_common.errors import (
         BadRequestError,
         ConflictError,
@@ -150,15 +151,17 @@ def test_unexpected_errors_are_classified_for_the_client() -> None:
         register_unavailable,
     )
 
-    assert isinstance(classify_unexpected(IntegrityError("INSERT", {}, Exception("dup"))), ConflictError)
-    assert isinstance(classify_unexpected(DataError("INSERT", {}, Exception("range"))), BadRequestError)
+    assert isinstance(classify_unexpected(asyncpg.UniqueViolationError("dup")), ConflictError)
+    assert isinstance(classify_unexpected(asyncpg.NumericValueOutOfRangeError("range")), BadRequestError)
+    assert isinstance(classify_unexpected(asyncpg.SerializationError("retry")), ServiceUnavailableError)
     try:
         try:
-            raise OperationalError("SELECT 1", {}, Exception("connection refused"))
-        except OperationalError as exc:
+            raise asyncpg.CannotConnectNowError("the database system is starting up")
+        except asyncpg.CannotConnectNowError as exc:
             raise RuntimeError("while loading") from exc
     except RuntimeError as wrapped:
         assert isinstance(classify_unexpected(wrapped), ServiceUnavailableError)
+    assert isinstance(classify_unexpected(asyncpg.InterfaceError("connection lost")), ServiceUnavailableError)
 
     class BucketDown(Exception):
         pass

@@ -66,6 +66,7 @@ async def clients(database: str, service_token: str) -> AsyncIterator[dict[str, 
         file_sweep_seconds=0,
     ))
     headers = {SERVICE_TOKEN_HEADER: service_token}
+    await files.state.files.start()  # what its lifespan does first (ASGITransport runs no lifespan)
     async with (
         AsyncTestClient(sessions) as sessions_client,
         AsyncTestClient(billing) as billing_client,
@@ -79,7 +80,7 @@ async def clients(database: str, service_token: str) -> AsyncIterator[dict[str, 
             yield {"sessions": sessions_client, "files": files_client, "billing": billing_client}
         finally:
             files.state.files.storage.close()
-            await files.state.files.engine.dispose()
+            await files.state.files.close()
 
 
 # (service, method, path with {id}, the key refused, where it is, a body)

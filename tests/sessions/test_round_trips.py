@@ -139,7 +139,7 @@ async def test_the_counter_sees_asyncpgs_reset_query(database_url: str) -> None:
     round trip per call than the service's pool, which skips it."""
     import asyncpg
 
-    from chat_sessions.sessions.services import _no_reset
+    from chat_common.db import _no_reset
 
     parts = urlsplit(database_url)
     proxy = CountingProxy(parts.port or 5432)

@@ -1,5 +1,5 @@
 """PostgreSQL for the services that own tables: one schema per service in a shared database
-(or a database of its own; both work), an async engine whose search_path is that schema, and
+(or a database of its own; both work), an asyncpg pool whose search_path is that schema, and
 ordered SQL migrations applied under an advisory lock so replicas may start together."""
 from __future__ import annotations
 
@@ -10,9 +10,6 @@ from importlib import resources
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from chat_common.errors import (
     AppError,
@@ -29,26 +26,23 @@ logger = logging.getLogger(__name__)
 TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57014"})
 # connection exception, insufficient resources, admin/crash shutdown and "cannot connect now"
 _OUTAGE_SQLSTATE_CLASSES = ("08", "53", "57P")
-_UNAVAILABLE = (
-    OperationalError, InterfaceError, PoolTimeoutError, asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError, asyncpg.InterfaceError,  # asyncpg's: the connection closed mid-call
-)
+# asyncpg's: the server is not reachable or not accepting, or the connection closed mid-call
+_UNAVAILABLE = (asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError, asyncpg.InterfaceError)
 
 
 def classify_database_error(cause: BaseException) -> AppError | None:
     """What a PostgreSQL error stands for to the client (chat_common.errors asks, for every
     exception of the cause chain): busy or down is 503, a constraint 409, a bad value 400."""
-    # asyncpg's own errors carry the SQLSTATE; SQLAlchemy's wrap one of those as ``orig``
-    sqlstate = str(getattr(cause, "sqlstate", None) or getattr(getattr(cause, "orig", None), "sqlstate", None) or "")
+    sqlstate = str(getattr(cause, "sqlstate", None) or "")
     if sqlstate in TRANSIENT_SQLSTATES:
         return ServiceUnavailableError("database busy; retry the request")
     if isinstance(cause, asyncpg.PostgresError) and sqlstate.startswith(_OUTAGE_SQLSTATE_CLASSES):
         return ServiceUnavailableError("a dependency is unavailable; retry the request")
-    if isinstance(cause, (IntegrityError, asyncpg.IntegrityConstraintViolationError)):
+    if isinstance(cause, asyncpg.IntegrityConstraintViolationError):
         return ConflictError("the request conflicts with stored data")
-    if isinstance(cause, (DataError, asyncpg.DataError)):
+    if isinstance(cause, asyncpg.DataError):
         return BadRequestError("a value in the request is out of range or malformed")
-    if isinstance(cause, _UNAVAILABLE) or (isinstance(cause, DBAPIError) and cause.connection_invalidated):
+    if isinstance(cause, _UNAVAILABLE):
         return ServiceUnavailableError("a dependency is unavailable; retry the request")
     return None
 
@@ -64,23 +58,30 @@ def check_schema_name(schema: str) -> str:
     return schema
 
 
-def make_engine(url: str, schema: str, *, pool_size: int = 10, max_overflow: int = 20) -> AsyncEngine:
+async def _no_reset(_: asyncpg.Connection) -> None:
+    """Pool release without asyncpg's reset query (advisory unlock, CLOSE ALL, UNLISTEN, RESET
+    ALL): a round trip per call for state the services never leave behind. asyncpg still rolls
+    back a transaction left open before calling this."""
+
+
+async def create_pool(url: str, schema: str, *, min_size: int = 0, max_size: int = 10) -> asyncpg.Pool:
+    """The asyncpg pool of a service that owns tables: its schema on the search_path, named in
+    pg_stat_activity. ``min_size`` 0: the service starts, and reports itself not ready, while
+    the database is down."""
     check_schema_name(schema)
-    return create_async_engine(
-        url,
-        pool_size=pool_size,
-        max_overflow=max_overflow,
-        # No ping per checkout: it doubles the round trips of every request. A connection broken
-        # by a database restart fails one request (answered 503, which callers retry) and
-        # SQLAlchemy then discards every pooled connection older than the failure.
-        pool_pre_ping=False,
-        pool_recycle=1800,
-        connect_args={"server_settings": {"search_path": schema, "application_name": f"chat-{schema}"}},
+    return await asyncpg.create_pool(
+        plain_dsn(url),
+        min_size=min_size,
+        max_size=max_size,
+        reset=_no_reset,
+        max_inactive_connection_lifetime=300,
+        server_settings={"search_path": schema, "application_name": f"chat-{schema}"},
     )
 
 
 def plain_dsn(url: str) -> str:
-    """The asyncpg DSN of an SQLAlchemy URL (``postgresql+asyncpg://`` -> ``postgresql://``)."""
+    """The asyncpg DSN of a database URL (``postgresql+asyncpg://``, the form settings
+    normalise to, or any ``postgres*://``, -> ``postgresql://``)."""
     parts = urlsplit(url)
     return urlunsplit(("postgresql", parts.netloc, parts.path, parts.query, parts.fragment))
 
@@ -117,11 +118,6 @@ async def apply_migrations(url: str, schema: str, package: str) -> list[str]:
     if applied_now:
         logger.info("applied migrations", extra={"schema": schema, "versions": applied_now})
     return applied_now
-
-
-async def ping(engine: AsyncEngine) -> None:
-    async with engine.connect() as connection:
-        await connection.exec_driver_sql("SELECT 1")
 
 
 COLUMNS_OF_SCHEMA = """

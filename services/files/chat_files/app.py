@@ -11,7 +11,6 @@ from litestar import Litestar
 from litestar.di import Provide
 
 from chat_common.app import ServicePlugin
-from chat_common.db import make_engine, ping
 from chat_common.errors import register_unavailable
 from chat_files.files.admin import FilesAdmin, FilesAdminController
 from chat_files.files.controllers import FilesController
@@ -56,13 +55,13 @@ async def _ensure_bucket(storage: ObjectStorage, bucket: str) -> None:
 
 def create_app(settings: FilesSettings | None = None) -> Litestar:
     settings = settings or FilesSettings.from_env()
-    engine = make_engine(settings.database_url, settings.db_schema)
     storage = ObjectStorage(settings)
-    service = FilesService(engine, storage, settings)
+    service = FilesService(settings.database_url, settings.db_schema, storage, settings)
     admin = FilesAdmin(service)
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        await service.start()
         await _ensure_bucket(storage, settings.s3_bucket)
         sweeper = None
         if settings.file_sweep_seconds > 0:
@@ -75,12 +74,12 @@ def create_app(settings: FilesSettings | None = None) -> Litestar:
                 with contextlib.suppress(asyncio.CancelledError):
                     await sweeper
             storage.close()
-            await engine.dispose()
+            await service.close()
 
     plugin = ServicePlugin(
         name="files",
         service_token=settings.service.service_token,
-        readiness_checks={"database": lambda: ping(engine), "bucket": storage.ping},
+        readiness_checks={"database": service.ping, "bucket": storage.ping},
     )
     app = Litestar(
         route_handlers=[FilesController, FilesAdminController],

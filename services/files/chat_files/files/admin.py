@@ -13,11 +13,10 @@ from litestar import Controller, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 from minio.deleteobjects import DeleteObject
-from sqlalchemy import delete, insert, select
 
 from chat_common import contracts as c
 from chat_common.errors import BadRequestError, ConflictError, ServiceUnavailableError, parse_uuid
-from chat_files.files.models import files
+from chat_files.files import sql
 from chat_files.files.services import FILE_NAME_PATTERN, FilesService
 from chat_files.files.storage import ObjectStorage
 
@@ -36,22 +35,19 @@ class FilesAdmin:
         self.storage: ObjectStorage = service.storage
 
     async def export(self, user_id: uuid.UUID, *, content: bool = True) -> c.FilesExport:
-        async with self.service.engine.connect() as conn:
-            rows = (
-                await conn.execute(select(files).where(files.c.user_id == user_id).order_by(files.c.created_at, files.c.file_name))
-            ).all()
+        rows = await self.service._pool().fetch(sql.USER_FILES, user_id)
         out: list[c.ExportedFile] = []
         for row in rows:
             data = b""
             if content:
-                chunks = await self.storage.open(row.object_key)
+                chunks = await self.storage.open(row["object_key"])
                 data = b"".join([chunk async for chunk in chunks])
             out.append(
                 c.ExportedFile(
-                    file_name=row.file_name, session_id=None if row.session_id is None else str(row.session_id),
-                    original_name=row.original_name, content_type=row.content_type, size=row.size, sha256=row.sha256,
-                    status=row.status, turn_id=row.turn_id, created_at=row.created_at, attached_at=row.attached_at,
-                    used_at=row.used_at, content_base64=base64.b64encode(data).decode(),
+                    file_name=row["file_name"], session_id=None if row["session_id"] is None else str(row["session_id"]),
+                    original_name=row["original_name"], content_type=row["content_type"], size=row["size"],
+                    sha256=row["sha256"], status=row["status"], turn_id=row["turn_id"], created_at=row["created_at"],
+                    attached_at=row["attached_at"], used_at=row["used_at"], content_base64=base64.b64encode(data).decode(),
                 )
             )
         return c.FilesExport(files=out)
@@ -70,10 +66,9 @@ class FilesAdmin:
                 raise BadRequestError("content_base64 is not base64", details={"file_name": item.file_name}) from None
             if len(content) != item.size or hashlib.sha256(content).hexdigest() != item.sha256:
                 raise BadRequestError("content does not match its size and sha256", details={"file_name": item.file_name})
-            async with self.service.engine.connect() as conn:
-                existing = (await conn.execute(select(files.c.user_id).where(files.c.file_name == item.file_name))).first()
+            existing = await self.service._pool().fetchrow(sql.OWNER, item.file_name)
             if existing is not None:
-                if existing.user_id != user_id:
+                if existing["user_id"] != user_id:
                     raise ConflictError("a file name of the import belongs to another user", details={"file_name": item.file_name})
                 continue
             key = ObjectStorage.key_for(item.file_name)
@@ -81,24 +76,18 @@ class FilesAdmin:
                 self.storage.client.put_object, self.storage.bucket, key, io.BytesIO(content), len(content),
                 content_type=item.content_type,
             )
-            async with self.service.engine.begin() as conn:
-                await conn.execute(
-                    insert(files).values(
-                        file_name=item.file_name, user_id=user_id,
-                        session_id=None if item.session_id is None else uuid.UUID(item.session_id),
-                        original_name=item.original_name, content_type=item.content_type, size=item.size,
-                        sha256=item.sha256, object_key=key, status=item.status, turn_id=item.turn_id,
-                        created_at=item.created_at, attached_at=item.attached_at, used_at=item.used_at,
-                    )
-                )
+            await self.service._pool().execute(
+                sql.IMPORT, item.file_name, user_id, None if item.session_id is None else uuid.UUID(item.session_id),
+                item.original_name, item.content_type, item.size, item.sha256, key, item.status, item.turn_id,
+                item.created_at, item.attached_at, item.used_at,
+            )
             imported += 1
         return c.ImportedCount(imported={"files": imported})
 
     async def erase(self, user_id: uuid.UUID) -> c.Removed:
         """Objects first, then rows: a run cut short in between leaves rows whose objects are
         already gone, which the next run removes (never bytes nobody can find again)."""
-        async with self.service.engine.connect() as conn:
-            keys: list[str] = list((await conn.execute(select(files.c.object_key).where(files.c.user_id == user_id))).scalars())
+        keys: list[str] = [row[0] for row in await self.service._pool().fetch(sql.USER_KEYS, user_id)]
         if keys:
             def run() -> list[str]:
                 errors = self.storage.client.remove_objects(self.storage.bucket, [DeleteObject(k) for k in keys])
@@ -107,13 +96,13 @@ class FilesAdmin:
             failed = await self.storage._call(run)
             if failed:
                 raise ServiceUnavailableError(f"could not remove {len(failed)} objects: {failed[0]}")
-        async with self.service.engine.begin() as conn:
-            result = await conn.execute(delete(files).where(files.c.user_id == user_id))
-            if result.rowcount:
-                # the planner's statistics must not keep sampled values of the rows gone
-                await conn.exec_driver_sql("ANALYZE files")
+        status = await self.service._pool().execute(sql.ERASE_USER, user_id)
+        removed = int(status.split()[-1])
+        if removed:
+            # the planner's statistics must not keep sampled values of the rows gone
+            await self.service._pool().execute(sql.ANALYZE)
         schema = self.service.settings.db_schema
-        return c.Removed(removed={f"{schema}.files": result.rowcount or 0}, objects=len(keys))
+        return c.Removed(removed={f"{schema}.files": removed}, objects=len(keys))
 
 
 Admin = NamedDependency[FilesAdmin]

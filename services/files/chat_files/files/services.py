@@ -9,10 +9,8 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+import asyncpg
 
 from chat_common.errors import (
     BadRequestError,
@@ -22,9 +20,10 @@ from chat_common.errors import (
     QuotaExceededError,
     ServiceUnavailableError,
 )
-from chat_files.files import content_types, schemas
+from chat_common.db import check_schema_name, create_pool
+from chat_files.files import content_types, schemas, sql
 from chat_files.files.metrics import UPLOADED_BYTES, UPLOADED_FILES
-from chat_files.files.models import ATTACHED, STAGED, USED, files
+from chat_files.files.models import ATTACHED, STAGED, USED
 from chat_files.files.storage import ObjectMissing, ObjectStorage, StorageError
 from chat_files.settings import MAX_PRESIGNED_SECONDS, FilesSettings
 
@@ -38,19 +37,19 @@ def _mb(size: int) -> str:
     return f"{size / (1024 * 1024):g} MB"
 
 
-def _to_schema(row: Any) -> schemas.File:
+def _to_schema(row: asyncpg.Record) -> schemas.File:
     return schemas.File(
-        file_name=row.file_name,
-        original_name=row.original_name,
-        user_id=row.user_id,
-        session_id=row.session_id,
-        content_type=row.content_type,
-        size=row.size,
-        sha256=row.sha256,
-        status=row.status,
-        created_at=row.created_at,
-        used_at=row.used_at,
-        turn_id=row.turn_id,
+        file_name=row["file_name"],
+        original_name=row["original_name"],
+        user_id=row["user_id"],
+        session_id=row["session_id"],
+        content_type=row["content_type"],
+        size=row["size"],
+        sha256=row["sha256"],
+        status=row["status"],
+        created_at=row["created_at"],
+        used_at=row["used_at"],
+        turn_id=row["turn_id"],
     )
 
 
@@ -112,24 +111,39 @@ class _CountedStream:
 
 @dataclass
 class FilesService:
-    engine: AsyncEngine
+    """File metadata on asyncpg (prebuilt statements in ``sql.py``, as in sessions), bytes in
+    the object store. ``start``/``close`` are the app's lifespan."""
+
+    database_url: str
+    schema: str
     storage: ObjectStorage
     settings: FilesSettings
+    pool: asyncpg.Pool | None = None
+
+    async def start(self) -> None:
+        if self.pool is None:
+            self.pool = await create_pool(self.database_url, check_schema_name(self.schema), max_size=20)
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            pool, self.pool = self.pool, None
+            await pool.close()
+
+    def _pool(self) -> asyncpg.Pool:
+        if self.pool is None:
+            raise RuntimeError("files service used before start()")
+        return self.pool
+
+    async def ping(self) -> None:
+        await self._pool().fetchval(sql.PING)
 
     # ---------------------------------------------------------------- reads
-
-    async def _row(self, conn: AsyncConnection, file_name: str, *, lock: bool = False) -> Any:
-        query = select(files).where(files.c.file_name == file_name)
-        if lock:
-            query = query.with_for_update()
-        return (await conn.execute(query)).first()
 
     async def get(self, file_name: str, user_id: uuid.UUID | None) -> schemas.File:
         """``user_id`` None: the name is the capability (the gateway's link without a user);
         a staged file that has no owner yet is never served that way."""
-        async with self.engine.connect() as conn:
-            row = await self._row(conn, file_name)
-        if row is None or row.user_id is None or (user_id is not None and row.user_id != user_id):
+        row = await self._pool().fetchrow(sql.GET, file_name)
+        if row is None or row["user_id"] is None or (user_id is not None and row["user_id"] != user_id):
             raise NotFoundError(_FILE_NOT_FOUND)
         return _to_schema(row)
 
@@ -152,34 +166,22 @@ class FilesService:
         return schemas.PresignedUrl(url=url, expires_seconds=expires)
 
     async def session_files(self, session_id: uuid.UUID, user_id: uuid.UUID) -> schemas.FileList:
-        async with self.engine.connect() as conn:
-            rows = (
-                await conn.execute(
-                    select(files)
-                    .where(files.c.session_id == session_id, files.c.user_id == user_id)
-                    .order_by(files.c.created_at, files.c.file_name)
-                )
-            ).all()
+        rows = await self._pool().fetch(sql.SESSION_FILES, session_id, user_id)
         return schemas.FileList(items=[_to_schema(r) for r in rows])
 
     async def usage(self, user_id: uuid.UUID) -> schemas.Usage:
-        async with self.engine.connect() as conn:
-            used, count = await self._usage(conn, user_id)
+        used, count = await self._usage(self._pool(), user_id)
         return schemas.Usage(user_id=user_id, used_bytes=used, quota_bytes=self.settings.user_quota_bytes, files=count)
 
     @staticmethod
-    async def _usage(conn: AsyncConnection, user_id: uuid.UUID) -> tuple[int, int]:
-        row = (
-            await conn.execute(
-                select(func.coalesce(func.sum(files.c.size), 0), func.count()).where(files.c.user_id == user_id)
-            )
-        ).one()
+    async def _usage(conn: asyncpg.Connection | asyncpg.Pool, user_id: uuid.UUID) -> tuple[int, int]:
+        row = await conn.fetchrow(sql.USAGE, user_id)
         return int(row[0]), int(row[1])
 
     @staticmethod
-    async def _lock_user(conn: AsyncConnection, user_id: uuid.UUID) -> None:
+    async def _lock_user(conn: asyncpg.Connection, user_id: uuid.UUID) -> None:
         # Serialises quota decisions of one user across requests and replicas.
-        await conn.execute(select(func.pg_advisory_xact_lock(func.hashtext(f"files-quota:{user_id}"))))
+        await conn.execute(sql.LOCK_USER, f"files-quota:{user_id}")
 
     # ---------------------------------------------------------------- uploads
 
@@ -191,8 +193,7 @@ class FilesService:
 
     async def check_quota(self, user_id: uuid.UUID, incoming: int = 0) -> int:
         """What is left of the user's quota; 413 when nothing (or not ``incoming``) fits."""
-        async with self.engine.connect() as conn:
-            used, _ = await self._usage(conn, user_id)
+        used, _ = await self._usage(self._pool(), user_id)
         left = self.settings.user_quota_bytes - used
         if left <= 0 or incoming > left:
             raise QuotaExceededError(
@@ -278,7 +279,7 @@ class FilesService:
         session_id: uuid.UUID | None,
     ) -> schemas.File:
         now = datetime.now(timezone.utc)
-        async with self.engine.begin() as conn:
+        async with self._pool().acquire() as conn, conn.transaction():
             if user_id is not None:
                 # Checked again under the lock: two uploads streaming at once each saw room.
                 await self._lock_user(conn, user_id)
@@ -287,25 +288,10 @@ class FilesService:
                     raise QuotaExceededError(
                         f"storage quota of {_mb(self.settings.user_quota_bytes)} exceeded"
                     )
-            row = (
-                await conn.execute(
-                    files.insert()
-                    .values(
-                        file_name=file_name,
-                        user_id=user_id,
-                        session_id=session_id,
-                        original_name=original,
-                        content_type=content_type,
-                        size=size,
-                        sha256=sha256,
-                        object_key=key,
-                        status=ATTACHED if session_id is not None else STAGED,
-                        created_at=now,
-                        attached_at=now if session_id is not None else None,
-                    )
-                    .returning(*files.c)
-                )
-            ).one()
+            row = await conn.fetchrow(
+                sql.INSERT, file_name, user_id, session_id, original, content_type, size, sha256, key,
+                ATTACHED if session_id is not None else STAGED, now, now if session_id is not None else None,
+            )
         return _to_schema(row)
 
     # ---------------------------------------------------------------- lifecycle
@@ -314,91 +300,51 @@ class FilesService:
         """Give a staged file its session (and, for an upload staged before the form's user_id
         was read, its owner). Re-attaching to the same session returns the file unchanged."""
         over_quota: str | None = None
-        async with self.engine.begin() as conn:
+        async with self._pool().acquire() as conn, conn.transaction():
             await self._lock_user(conn, data.user_id)
-            row = await self._row(conn, file_name, lock=True)
-            if row is None or (row.user_id is not None and row.user_id != data.user_id):
+            row = await conn.fetchrow(sql.GET_FOR_UPDATE, file_name)
+            if row is None or (row["user_id"] is not None and row["user_id"] != data.user_id):
                 raise NotFoundError(_FILE_NOT_FOUND)
-            if row.session_id is not None:
-                if row.session_id != data.session_id:
+            if row["session_id"] is not None:
+                if row["session_id"] != data.session_id:
                     raise ConflictError("file is attached to another session")
                 return _to_schema(row)
-            if row.user_id is None:
+            if row["user_id"] is None:
                 used, _ = await self._usage(conn, data.user_id)
-                if used + row.size > self.settings.user_quota_bytes:
+                if used + row["size"] > self.settings.user_quota_bytes:
                     # Nobody owns it and it cannot be kept: remove it now rather than at the sweep.
-                    await conn.execute(delete(files).where(files.c.file_name == file_name))
-                    over_quota = row.object_key
+                    await conn.execute(sql.DELETE_ROW, file_name)
+                    over_quota = row["object_key"]
             if over_quota is None:
-                row = (
-                    await conn.execute(
-                        update(files)
-                        .where(files.c.file_name == file_name)
-                        .values(
-                            user_id=data.user_id,
-                            session_id=data.session_id,
-                            status=ATTACHED if row.status == STAGED else row.status,
-                            attached_at=func.now(),
-                        )
-                        .returning(*files.c)
-                    )
-                ).one()
+                status = ATTACHED if row["status"] == STAGED else row["status"]
+                row = await conn.fetchrow(sql.ATTACH, file_name, data.user_id, data.session_id, status)
         if over_quota is not None:
             await self.storage.remove_quietly(over_quota)
             raise QuotaExceededError(f"storage quota of {_mb(self.settings.user_quota_bytes)} exceeded")
         return _to_schema(row)
 
     async def mark_used(self, file_name: str, data: schemas.MarkUsed) -> schemas.File:
-        async with self.engine.begin() as conn:
-            row = await self._row(conn, file_name, lock=True)
-            if row is None or row.user_id != data.user_id:
+        async with self._pool().acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(sql.GET_FOR_UPDATE, file_name)
+            if row is None or row["user_id"] != data.user_id:
                 raise NotFoundError(_FILE_NOT_FOUND)
-            if row.session_id is not None and row.session_id != data.session_id:
+            if row["session_id"] is not None and row["session_id"] != data.session_id:
                 raise ConflictError("file is attached to another session")
-            if row.status == USED:
+            if row["status"] == USED:
                 return _to_schema(row)
-            row = (
-                await conn.execute(
-                    update(files)
-                    .where(files.c.file_name == file_name)
-                    .values(
-                        session_id=data.session_id,
-                        status=USED,
-                        turn_id=data.turn_id,
-                        used_at=func.now(),
-                        attached_at=func.coalesce(files.c.attached_at, func.now()),
-                    )
-                    .returning(*files.c)
-                )
-            ).one()
+            row = await conn.fetchrow(sql.MARK_USED, file_name, data.session_id, data.turn_id)
         return _to_schema(row)
 
     async def delete(self, file_name: str, user_id: uuid.UUID | None) -> None:
         """Row first, then object: a crash in between leaves an orphan object for the sweep,
         never a row pointing at nothing."""
-        ownerless = and_(files.c.user_id.is_(None), files.c.status == STAGED)
-        owned = ownerless if user_id is None else or_(files.c.user_id == user_id, ownerless)
-        async with self.engine.begin() as conn:
-            key = (
-                await conn.execute(
-                    delete(files).where(files.c.file_name == file_name, owned).returning(files.c.object_key)
-                )
-            ).scalar()
+        key = await self._pool().fetchval(sql.DELETE_OWNED, file_name, user_id)
         if key is None:
             raise NotFoundError(_FILE_NOT_FOUND)
         await self.storage.remove_quietly(key)
 
     async def delete_session_files(self, session_id: uuid.UUID, user_id: uuid.UUID) -> schemas.Deleted:
-        async with self.engine.begin() as conn:
-            keys: list[str] = list(
-                (
-                    await conn.execute(
-                        delete(files)
-                        .where(files.c.session_id == session_id, files.c.user_id == user_id)
-                        .returning(files.c.object_key)
-                    )
-                ).scalars()
-            )
+        keys = [row[0] for row in await self._pool().fetch(sql.DELETE_SESSION_FILES, session_id, user_id)]
         await self.storage.remove_many(keys)
         return schemas.Deleted(deleted=len(keys))
 
@@ -413,21 +359,7 @@ class FilesService:
         cutoff = datetime.now(timezone.utc) - timedelta(seconds=self.settings.stale_upload_seconds)
         removed = 0
         while True:
-            doomed = (
-                select(files.c.file_name)
-                .where(files.c.status != USED, files.c.created_at < cutoff)
-                .limit(batch)
-                .with_for_update(skip_locked=True)
-                .scalar_subquery()
-            )
-            async with self.engine.begin() as conn:
-                keys: list[str] = list(
-                    (
-                        await conn.execute(
-                            delete(files).where(files.c.file_name.in_(doomed)).returning(files.c.object_key)
-                        )
-                    ).scalars()
-                )
+            keys = [row[0] for row in await self._pool().fetch(sql.SWEEP_STALE, cutoff, batch)]
             await self.storage.remove_many(keys)
             removed += len(keys)
             if len(keys) < batch:
@@ -439,10 +371,7 @@ class FilesService:
         cutoff = datetime.now(timezone.utc) - timedelta(seconds=self.settings.orphan_grace_seconds)
         removed = 0
         async for keys in self.storage.old_keys(cutoff):
-            async with self.engine.connect() as conn:
-                known: set[str] = set(
-                    (await conn.execute(select(files.c.object_key).where(files.c.object_key.in_(keys)))).scalars()
-                )
+            known = {row[0] for row in await self._pool().fetch(sql.KNOWN_KEYS, list(keys))}
             orphans = [k for k in keys if k not in known]
             if orphans:
                 logger.info("removing %d orphan objects", len(orphans))

@@ -14,7 +14,7 @@ import asyncpg
 import msgspec
 
 from chat_common.contracts import ReceiptDetails
-from chat_common.db import check_schema_name
+from chat_common.db import check_schema_name, create_pool
 from chat_common.errors import BadRequestError, ConflictError, NotFoundError, StaleTurnError
 from chat_sessions.sessions import schemas, sql
 from chat_sessions.sessions.search import SEARCHED_ROLES, searchable_words
@@ -22,12 +22,6 @@ from chat_sessions.sessions.search import SEARCHED_ROLES, searchable_words
 # A content of at most this many characters cannot exceed the byte bound (UTF-8 is at most 4
 # bytes per character), so only longer ones are encoded to be measured.
 _SAFE_CHARS = schemas.MAX_CONTENT_BYTES // 4
-
-
-async def _no_reset(_: asyncpg.Connection) -> None:
-    """Pool release without asyncpg's reset query (advisory unlock, CLOSE ALL, UNLISTEN, RESET
-    ALL): a round trip per call for state this service never creates. asyncpg still rolls back
-    a transaction left open before calling this."""
 
 
 def clean_text(value: str) -> str:
@@ -99,14 +93,7 @@ class SessionsService:
         """Create the pool (the app's lifespan does). ``min_size`` 0 by default: the service
         starts, and reports itself not ready, while the database is down."""
         if self.pool is None:
-            self.pool = await asyncpg.create_pool(
-                self._dsn,
-                min_size=self._min_size,
-                max_size=self._max_size,
-                reset=_no_reset,
-                max_inactive_connection_lifetime=300,
-                server_settings={"search_path": self._schema, "application_name": f"chat-{self._schema}"},
-            )
+            self.pool = await create_pool(self._dsn, self._schema, min_size=self._min_size, max_size=self._max_size)
 
     async def close(self) -> None:
         if self.pool is not None:
