@@ -30,7 +30,7 @@ def serve_gateway(settings: GatewaySettings) -> None:
     serve(
         app,
         settings.service,
-        before_shutdown=lambda: app.state.sockets.drain(settings.service.shutdown_grace_seconds),
+        before_shutdown=lambda: app.state.gateway.sockets.drain(settings.service.shutdown_grace_seconds),
         ws_max_size=settings.max_frame_bytes,
         ws_ping_interval=20.0,
         # The public edge parses with h11: it answers a client that sends more than it declared

@@ -47,6 +47,7 @@ from chat_common.errors import (
 )
 from chat_gateway.clients import BillingClient, FilesClient, SessionsClient
 from chat_gateway.context import GatewayContext
+from chat_gateway.gateway import Gateway, GatewayDependency
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +58,8 @@ _UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{1
 _export_decoder = msgspec.json.Decoder(c.UserExport)
 
 
-def authorize(request: Request[Any, Any, Any]) -> GatewayContext:
-    context: GatewayContext = request.app.state.gateway
+def authorize(request: Request[Any, Any, Any], gateway: Gateway) -> GatewayContext:
+    context = gateway.context
     expected = context.settings.service.service_token
     if not expected:
         raise ForbiddenError("admin endpoints are disabled: the gateway has no SERVICE_TOKEN")
@@ -296,16 +297,18 @@ class AdminController(Controller):
     tags = ["admin"]
 
     @get("/{user_id:str}/export")
-    async def export_user(self, request: Request[Any, Any, Any], user_id: FromPath[str]) -> c.UserExport:
-        admin = UserAdmin(authorize(request))
+    async def export_user(
+        self, request: Request[Any, Any, Any], gateway: GatewayDependency, user_id: FromPath[str]
+    ) -> c.UserExport:
+        admin = UserAdmin(authorize(request, gateway))
         try:
             return await admin.export(canonical_user(user_id))
         finally:
             await admin.aclose()
 
     @post("/import", status_code=201, request_max_body_size=MAX_IMPORT_BYTES)
-    async def import_user(self, request: Request[Any, Any, Any]) -> c.ImportReport:
-        context = authorize(request)
+    async def import_user(self, request: Request[Any, Any, Any], gateway: GatewayDependency) -> c.ImportReport:
+        context = authorize(request, gateway)
         try:
             doc = _export_decoder.decode(await request.body())
         except msgspec.DecodeError as exc:
@@ -317,8 +320,10 @@ class AdminController(Controller):
             await admin.aclose()
 
     @post("/{user_id:str}/erase", status_code=200)
-    async def erase_user(self, request: Request[Any, Any, Any], user_id: FromPath[str]) -> c.EraseReport:
-        admin = UserAdmin(authorize(request))
+    async def erase_user(
+        self, request: Request[Any, Any, Any], gateway: GatewayDependency, user_id: FromPath[str]
+    ) -> c.EraseReport:
+        admin = UserAdmin(authorize(request, gateway))
         try:
             return await admin.erase(canonical_user(user_id))
         finally:

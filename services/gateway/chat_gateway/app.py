@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from litestar import Litestar
 from litestar.config.cors import CORSConfig
+from litestar.di import Provide
 
 from chat_common.app import ServicePlugin, parse_networks
 from chat_gateway.admin import AdminController
@@ -14,10 +15,10 @@ from chat_gateway.auth import check_configuration
 from chat_gateway.chat.retention import RetentionSweeper
 from chat_gateway.chat.periodic import every
 from chat_gateway.context import GatewayContext
+from chat_gateway.gateway import Gateway
 from chat_gateway.settings import GatewaySettings
 from chat_gateway.uploads.controllers import upload_routes
-from chat_gateway.ws.draining import SocketRegistry
-from chat_gateway.ws.handlers import turn_runner, websocket_routes
+from chat_gateway.ws.handlers import websocket_routes
 
 
 def create_app(settings: GatewaySettings | None = None) -> Litestar:
@@ -25,14 +26,12 @@ def create_app(settings: GatewaySettings | None = None) -> Litestar:
     # A jwt configuration that could verify nothing stops the start (ValueError), not the
     # first request; what it merely warns about is logged by __main__ once logging is set.
     configuration_notes = check_configuration(settings)
-    holder: dict[str, GatewayContext] = {}
+    gateway = Gateway(settings)
 
     @asynccontextmanager
-    async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        context = GatewayContext.create(settings)
-        holder["context"] = context
-        app.state.gateway = context
-        runner = turn_runner(app.state, context)
+    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        await gateway.start()
+        context, runner = gateway.context, gateway.runner
         workers = [
             asyncio.create_task(every(settings.outbox_sweep_seconds, runner.owed.settle_once, "owed charges")),
             asyncio.create_task(every(runner.store.renew_seconds, runner.store.renew_held, "turn lock renewal")),
@@ -44,7 +43,6 @@ def create_app(settings: GatewaySettings | None = None) -> Litestar:
             sweeper = RetentionSweeper(
                 context.sessions, context.files, runner.store, retention_days=settings.session_retention_days
             )
-            app.state.retention = sweeper
             workers.append(asyncio.create_task(every(settings.retention_sweep_seconds, sweeper.sweep_once, "retention sweep")))
         try:
             yield
@@ -52,14 +50,10 @@ def create_app(settings: GatewaySettings | None = None) -> Litestar:
             for worker in workers:
                 worker.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
-            # shielded turns and postponed debits still in flight finish before the clients close
-            in_flight = getattr(app.state, "turn_runner", None)
-            if in_flight is not None:
-                await in_flight.drain(settings.service.shutdown_grace_seconds)
-            await context.close()
+            await gateway.close(settings.service.shutdown_grace_seconds)
 
     def context() -> GatewayContext:
-        return holder["context"]
+        return gateway.context
 
     async def redis_ready() -> None:
         await context().redis.ping()
@@ -98,12 +92,14 @@ def create_app(settings: GatewaySettings | None = None) -> Litestar:
         )
     app = Litestar(
         route_handlers=[*websocket_routes, *upload_routes, AdminController],
+        dependencies={"gateway": Provide(lambda: gateway, sync_to_thread=False)},
         plugins=[plugin],
         lifespan=[lifespan],
         cors_config=cors,
         debug=False,
     )
-    app.state.settings = settings
+    # for the entry point only (chat_gateway.__main__: the warnings to log, the sockets to drain
+    # on SIGTERM); handlers get the gateway by injection
+    app.state.gateway = gateway
     app.state.configuration_notes = configuration_notes
-    app.state.sockets = SocketRegistry()
     return app

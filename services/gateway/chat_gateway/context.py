@@ -1,5 +1,6 @@
 """What the gateway's handlers share for the life of the process: the typed internal clients,
-Redis and the AI channel. Built in the lifespan, reached through ``app.state.gateway``."""
+Redis and the AI channel. Built when the lifespan starts the :class:`chat_gateway.gateway.Gateway`
+that holds it."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -21,6 +21,7 @@ from litestar.response import Stream
 from chat_common.errors import AppError, NotFoundError
 from chat_gateway.auth import authenticate_http, same_user
 from chat_gateway.context import GatewayContext
+from chat_gateway.gateway import Gateway, GatewayDependency
 from chat_gateway.settings import GatewaySettings
 from chat_gateway.uploads.multipart import (
     Field,
@@ -38,7 +39,7 @@ from chat_gateway.uploads.refusals import (
     UploadTooLarge,
     client_failure,
 )
-from chat_gateway.ws.limits import Verdict, limits_for, subject_of
+from chat_gateway.ws.limits import Verdict, subject_of
 
 logger = logging.getLogger(__name__)
 
@@ -79,17 +80,12 @@ def _failure(status: int, message: str) -> Response[UploadReply]:
     return Response(UploadReply(message=message, data=None), status_code=status)
 
 
-def _context(request: Request) -> GatewayContext:
-    return request.app.state.gateway
-
-
-async def _rate_limited(request: Request, ctx: GatewayContext, authenticated: str | None) -> Response[Any] | None:
+async def _rate_limited(request: Request, gateway: Gateway, authenticated: str | None) -> Response[Any] | None:
     """The 429 to answer when this user (or, unauthenticated, this address) is over the
     per-window request budget it shares with its sockets; None to go on."""
-    limiter = limits_for(request.app.state, ctx).requests
-    if await limiter.hit(subject_of(authenticated, request.client)) is Verdict.OK:
+    if await gateway.limits.requests.hit(subject_of(authenticated, request.client)) is Verdict.OK:
         return None
-    settings = ctx.settings
+    settings = gateway.settings
     return Response(
         {
             "message": f"Rate limit exceeded: at most {settings.rate_limit_requests} requests per "
@@ -334,8 +330,8 @@ def form_allowance(settings: GatewaySettings) -> int:
 
 
 @post("/upload", status_code=202, request_max_body_size=None)
-async def upload_file(request: Request) -> Response[UploadReply]:
-    ctx = _context(request)
+async def upload_file(request: Request, gateway: GatewayDependency) -> Response[UploadReply]:
+    ctx = gateway.context
     settings = ctx.settings
     upload: _Upload | None = None
     try:
@@ -357,7 +353,7 @@ async def upload_file(request: Request) -> Response[UploadReply]:
                 )
         # After the checks that need no I/O: a client that declared too much and went quiet
         # (half-closed) still gets its 413 before the server notices the hang-up.
-        if (limited := await _rate_limited(request, ctx, authenticated)) is not None:
+        if (limited := await _rate_limited(request, gateway, authenticated)) is not None:
             return limited
         upload = _Upload(ctx, authenticated)
         form = StreamingForm(boundary, field_limits=_field_limits(settings))
@@ -404,8 +400,8 @@ def _content_disposition(original_name: str) -> str:
 
 # ``path``: a name holding (encoded) slashes still reaches this handler and gets its 404 here.
 @get("/uploads/{file_name:path}")
-async def download_file(request: Request, file_name: str) -> Response[Any]:
-    ctx = _context(request)
+async def download_file(request: Request, file_name: str, gateway: GatewayDependency) -> Response[Any]:
+    ctx = gateway.context
     # the path parameter keeps its leading separator; one more "/" is not a name ever issued
     file_name = file_name[1:] if file_name.startswith("/") else file_name
     if not _FILE_NAME.fullmatch(file_name):
@@ -414,7 +410,7 @@ async def download_file(request: Request, file_name: str) -> Response[Any]:
         authenticated = await authenticate_http(request, ctx.settings)
     except AppError as exc:  # auth.py's reasons are written for the client
         return _failure(exc.status_code, exc.message)
-    if (limited := await _rate_limited(request, ctx, authenticated)) is not None:
+    if (limited := await _rate_limited(request, gateway, authenticated)) is not None:
         return limited
     claimed = request.query_params.get("user_id")
     owner = authenticated or claimed

@@ -16,7 +16,6 @@ from typing import Any, cast
 
 import msgspec
 from litestar import WebSocket, websocket
-from litestar.datastructures import State
 from litestar.exceptions import WebSocketDisconnect
 from litestar.types import WebSocketSendEvent
 
@@ -35,9 +34,10 @@ from chat_gateway.chat.context_cache import ContextStore
 from chat_gateway.chat.streams import FellBehind, turn_streams
 from chat_gateway.chat.turn import TurnRunner
 from chat_gateway.context import GatewayContext
-from chat_gateway.ws.draining import WS_GOING_AWAY, SocketRegistry
+from chat_gateway.gateway import GatewayDependency
+from chat_gateway.ws.draining import WS_GOING_AWAY
 from chat_gateway.ws.dispatcher import Dispatcher
-from chat_gateway.ws.limits import RateLimiter, Verdict, limits_for, subject_of
+from chat_gateway.ws.limits import RateLimiter, Verdict, subject_of
 from chat_gateway.ws.metrics import (
     CHAT_ERRORS,
     CHAT_OPEN_SOCKETS,
@@ -72,15 +72,6 @@ MAX_SESSION_PAGES = 40  # 20,000 sessions: past that a client gets the newest on
 WS_POLICY_VIOLATION = 1008
 WS_MESSAGE_TOO_BIG = 1009
 WS_TRY_AGAIN_LATER = 1013
-
-
-def turn_runner(state: State, gateway: GatewayContext) -> TurnRunner:
-    """One runner per process (it remembers AI capabilities and owns background tasks)."""
-    runner = getattr(state, "turn_runner", None)
-    if runner is None or runner.gw is not gateway:
-        runner = TurnRunner(gateway)
-        state.turn_runner = runner
-    return runner
 
 
 def frame_size(raw: str | bytes) -> int:
@@ -393,8 +384,7 @@ async def delete_session(gw: GatewayContext, cache: ContextStore, session_id: st
 
 
 @websocket("/ws")
-async def chat_socket(socket: WebSocket) -> None:
-    gateway: GatewayContext = socket.app.state.gateway
+async def chat_socket(socket: WebSocket, gateway: GatewayDependency) -> None:
     settings = gateway.settings
     if not origin_allowed(socket.headers.get("origin"), settings):
         # Refused before the handshake (HTTP 403): a page of another site gets no socket at all.
@@ -413,7 +403,7 @@ async def chat_socket(socket: WebSocket) -> None:
         await socket.accept(subprotocols=subprotocol)
         await socket.close(code=WS_TRY_AGAIN_LATER if exc.retryable else WS_POLICY_VIOLATION, reason=exc.reason)
         return
-    limits = limits_for(socket.app.state, gateway)
+    limits = gateway.limits
     subject = subject_of(identity.user_id if identity is not None else None, socket.client)
     async with limits.sockets.hold(subject) as granted:
         await socket.accept(subprotocols=subprotocol)
@@ -424,13 +414,13 @@ async def chat_socket(socket: WebSocket) -> None:
             return
         session = SocketSession(
             socket,
-            gateway,
-            turn_runner(socket.app.state, gateway),
+            gateway.context,
+            gateway.runner,
             identity,
             limiter=limits.requests,
             subject=subject,
         )
-        registry: SocketRegistry = socket.app.state.sockets
+        registry = gateway.sockets
         if registry.draining:
             await socket.close(code=WS_GOING_AWAY, reason="server shutting down")
             return

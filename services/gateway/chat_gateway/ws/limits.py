@@ -20,11 +20,10 @@ import uuid
 from dataclasses import dataclass
 from enum import Enum
 
-from litestar.datastructures import State
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from chat_gateway.context import GatewayContext
+from chat_gateway.settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
 
@@ -187,18 +186,11 @@ class Limits:
     sockets: SocketSlots
 
 
-def limits_for(state: State, gateway: GatewayContext) -> Limits:
-    """One pair per process, on the process's Redis client (sockets, uploads and downloads
-    draw on the same per-user request budget)."""
-    limits = getattr(state, "limits", None)
-    if limits is None or limits.requests.redis is not gateway.redis:
-        settings = gateway.settings
-        limits = Limits(
-            requests=RateLimiter(gateway.redis, settings.rate_limit_requests, settings.rate_limit_window_seconds),
-            sockets=SocketSlots(gateway.redis, settings.max_sockets_per_user, settings.socket_slot_seconds),
-        )
-        state.limits = limits
-    return limits
+def make_limits(redis: Redis, settings: GatewaySettings) -> Limits:
+    return Limits(
+        requests=RateLimiter(redis, settings.rate_limit_requests, settings.rate_limit_window_seconds),
+        sockets=SocketSlots(redis, settings.max_sockets_per_user, settings.socket_slot_seconds),
+    )
 
 
 def subject_of(user_id: str | None, client: object) -> str:
