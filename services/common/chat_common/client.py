@@ -215,6 +215,18 @@ class _StreamContext:
                 response.close()
 
 
+def correlation_headers() -> dict[str, str]:
+    """What ties a call to the request and turn it is made for: their ids (when set) and the
+    trace context, lower-case, so the same dict serves as HTTP headers and as gRPC metadata."""
+    headers: dict[str, str] = {}
+    if request_id := request_id_var.get():
+        headers[REQUEST_ID_HEADER] = request_id
+    if turn_id := turn_id_var.get():
+        headers[TURN_ID_HEADER] = turn_id
+    inject_context(headers)
+    return headers
+
+
 class ServiceClient:
     """One client per downstream service, shared by all requests of a process; its aiohttp
     session (a keep-alive pool of up to ``max_connections``) is made on first use inside the
@@ -278,14 +290,9 @@ class ServiceClient:
                 pass
 
     def _headers(self, extra: Mapping[str, str] | None) -> dict[str, str]:
-        headers: dict[str, str] = {}
-        if request_id := request_id_var.get():
-            headers[REQUEST_ID_HEADER] = request_id
-        if turn_id := turn_id_var.get():
-            headers[TURN_ID_HEADER] = turn_id
+        headers = correlation_headers()
         if extra:
             headers.update(extra)
-        inject_context(headers)
         return headers
 
     def _body_and_headers(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import re
 import uuid
 
 from litestar import Controller, get, post
@@ -16,11 +15,11 @@ from minio.deleteobjects import DeleteObject
 
 from chat_common import contracts as c
 from chat_common.errors import BadRequestError, ConflictError, ServiceUnavailableError, parse_uuid
+from chat_common.names import ISSUED_FILE_NAME
 from chat_files.files import sql
-from chat_files.files.services import FILE_NAME_PATTERN, FilesService
+from chat_files.files.services import FilesService
 from chat_files.files.storage import ObjectStorage
 
-_FILE_NAME = re.compile(FILE_NAME_PATTERN)
 # One file per import call, base64 in JSON: a third more than the largest file allowed, and room.
 MAX_IMPORT_BYTES = 256 * 1024 * 1024
 
@@ -58,7 +57,7 @@ class FilesAdmin:
         may be sent again); a name of another user's file is refused (409)."""
         imported = 0
         for item in data.files:
-            if not _FILE_NAME.fullmatch(item.file_name):
+            if not ISSUED_FILE_NAME.fullmatch(item.file_name):
                 raise BadRequestError("not a file name this service makes", details={"file_name": item.file_name})
             try:
                 content = base64.b64decode(item.content_base64, validate=True)

@@ -10,9 +10,10 @@ import re
 import unicodedata
 
 from chat_common.errors import UnsupportedMediaTypeError
+from chat_common.names import TYPE_HEAD_BYTES
 
 # Enough for every signature below and for a fair look at whether a file is text.
-HEAD_BYTES = 8192
+HEAD_BYTES = TYPE_HEAD_BYTES
 MAX_ORIGINAL_NAME_CHARS = 255
 
 # extension -> (kind, content type served)

@@ -2,7 +2,6 @@
 scoped by ``user_id``: another user's file answers exactly like a missing one (404)."""
 from __future__ import annotations
 
-import re
 import uuid
 from urllib.parse import quote
 from collections.abc import AsyncIterator
@@ -15,11 +14,11 @@ from litestar.params import Parameter
 from litestar.response import Stream
 
 from chat_common.errors import BadRequestError, NotFoundError, parse_uuid
+from chat_common.names import ISSUED_FILE_NAME
 from chat_files.files import schemas
 from chat_files.files.content_types import HEAD_BYTES
-from chat_files.files.services import FILE_NAME_PATTERN, FilesService
+from chat_files.files.services import FilesService
 
-_FILE_NAME = re.compile(FILE_NAME_PATTERN)
 
 OriginalName = Annotated[str, Parameter(min_length=1, max_length=schemas.MAX_ORIGINAL_NAME_INPUT)]
 
@@ -27,7 +26,7 @@ OriginalName = Annotated[str, Parameter(min_length=1, max_length=schemas.MAX_ORI
 def _checked_name(file_name: str) -> str:
     # Names are made by this service; anything else cannot exist, whatever it looks like.
     # fullmatch: ``$`` alone would let "<name>\n" through.
-    if not _FILE_NAME.fullmatch(file_name):
+    if not ISSUED_FILE_NAME.fullmatch(file_name):
         raise NotFoundError("file not found")
     return file_name
 

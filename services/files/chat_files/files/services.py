@@ -29,7 +29,6 @@ from chat_files.settings import MAX_PRESIGNED_SECONDS, FilesSettings
 
 logger = logging.getLogger(__name__)
 
-FILE_NAME_PATTERN = r"^[0-9a-f]{32}\.[a-z0-9]{1,10}$"
 _FILE_NOT_FOUND = "file not found"
 
 

@@ -39,6 +39,7 @@ from redis.exceptions import RedisError
 
 from chat_common import contracts as c
 from chat_common.aiproto import ai_service_pb2 as pb
+from chat_common.client import correlation_headers
 from chat_common.errors import (
     AppError,
     BadRequestError,
@@ -52,9 +53,8 @@ from chat_common.errors import (
     StaleTurnError,
     UpstreamError,
 )
-from chat_common.logging import request_id_var, turn_id_var
+from chat_common.logging import turn_id_var
 from chat_common.money import dollars_to_nanos, nanos_to_dollars
-from chat_common.tracing import inject_context
 from chat_gateway.chat.context_cache import ContextStore, Entry, LockTimeout, SessionContext, context_from_remote
 from chat_gateway.chat.naming import session_name
 from chat_gateway.chat.outbox import OwedCharges
@@ -418,9 +418,7 @@ class TurnRunner:
     # -- the AI ---------------------------------------------------------------------------------
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
-        carrier = {"x-request-id": request_id_var.get() or "", "x-turn-id": turn_id_var.get() or ""}
-        inject_context(carrier)
-        return tuple(carrier.items())
+        return tuple(correlation_headers().items())
 
     async def _ai_call(self, rpc: str, method: Any, message: Any) -> pb.Response:
         started = time.perf_counter()

@@ -19,7 +19,9 @@ from litestar.exceptions import InternalServerException
 from litestar.response import Stream
 
 from chat_common.errors import AppError, NotFoundError
+from chat_common.names import ISSUED_FILE_NAME, NEW_SESSION, TYPE_HEAD_BYTES
 from chat_gateway.auth import authenticate_http, same_user
+from chat_gateway.chat.naming import session_name
 from chat_gateway.context import GatewayContext
 from chat_gateway.gateway import Gateway, GatewayDependency
 from chat_gateway.settings import GatewaySettings
@@ -49,12 +51,7 @@ SESSION_NOT_FOUND = "Session not found"
 MODEL_ACCESS = "User Does Not Have Model Access"
 MAX_MODEL_NAME_CHARS = 200  # what the sessions service stores (and the socket protocol accepts)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-NEW_SESSION = "NEW"
-SESSION_NAME_CHARS = 20
-# What the files service looks at to tell a file's type (content_types.HEAD_BYTES there).
-HEAD_BYTES = 8192
 MAX_RAW_FILE_NAME_BYTES = 1024
-_FILE_NAME = re.compile(r"^[0-9a-f]{32}\.[a-z0-9]{1,10}$")
 
 
 class UploadedFile(msgspec.Struct, rename="camel", kw_only=True):
@@ -123,8 +120,12 @@ def _parse_session_id(raw: str) -> str:
 
 
 def session_name_for(original_name: str) -> str:
-    name = original_name[:SESSION_NAME_CHARS].strip()
-    return name or "file"
+    """A session made for an upload is named by the same rule as one made by a first message
+    (chat/naming.py), from the file's name."""
+    try:
+        return session_name(original_name)
+    except ValueError:  # a name of only whitespace
+        return "file"
 
 
 class _Upload:
@@ -218,7 +219,7 @@ class _Upload:
             return
         self.head.append(event.data)
         self.head_size += len(event.data)
-        if self.head_size >= HEAD_BYTES:
+        if self.head_size >= TYPE_HEAD_BYTES:
             await self._start_pipe(complete=False)
 
     async def on_file_end(self) -> None:
@@ -238,7 +239,7 @@ class _Upload:
             params["user_id"] = self.user_id
         # A wrong type is refused on the file's first bytes, before the rest is sent on.
         await self.ctx.files.post(
-            "/v1/uploads/check", params={**params, "complete": str(complete).lower()}, content=head[:HEAD_BYTES]
+            "/v1/uploads/check", params={**params, "complete": str(complete).lower()}, content=head[:TYPE_HEAD_BYTES]
         )
         if self.session_checked and self.session_id != NEW_SESSION:
             params["session_id"] = self.session_id
@@ -404,7 +405,7 @@ async def download_file(request: Request, file_name: str, gateway: GatewayDepend
     ctx = gateway.context
     # the path parameter keeps its leading separator; one more "/" is not a name ever issued
     file_name = file_name[1:] if file_name.startswith("/") else file_name
-    if not _FILE_NAME.fullmatch(file_name):
+    if not ISSUED_FILE_NAME.fullmatch(file_name):
         return _failure(404, "File not found")
     try:
         authenticated = await authenticate_http(request, ctx.settings)

@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from chat_common.names import ISSUED_FILE_NAME, NEW_SESSION
 from chat_gateway.settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
@@ -192,7 +193,6 @@ REQUEST_TYPES: dict[int, type[msgspec.Struct]] = {
     MessageType.SEARCH: SearchRequest,
 }
 
-NEW_SESSION = "NEW"
 MAX_USER_ID_CHARS = 128
 MAX_MODEL_NAME_CHARS = 200
 MAX_MODEL_ID = 2**31 - 1
@@ -337,8 +337,6 @@ def _check_text(name: str, value: str, limit: int, *, allow_blank: bool) -> None
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-# The names the files service gives uploads (chat_files.files.services.FILE_NAME_PATTERN).
-_ISSUED_FILE_NAME = re.compile(r"[0-9a-f]{32}\.[a-z0-9]{1,10}")
 
 
 def is_uuid(value: str) -> bool:
@@ -381,7 +379,7 @@ def validate_request(request: msgspec.Struct, settings: GatewaySettings) -> None
             _check_text("session_prompt", request.session_prompt, settings.max_prompt_chars, allow_blank=True)
         if request.file_name:
             _check_text("file_name", request.file_name, settings.max_file_name_chars, allow_blank=False)
-            if not _ISSUED_FILE_NAME.fullmatch(request.file_name):
+            if not ISSUED_FILE_NAME.fullmatch(request.file_name):
                 # Only the names the files service issues (what it stores and answers for): "/x",
                 # "x/" or "//x" would reach the same file through the files service's path
                 # normalisation, and the raw string would be stored as the turn's `file` entry.
