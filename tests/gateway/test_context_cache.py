@@ -8,9 +8,17 @@ from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
-from chat_gateway.chat.periodic import every
-from chat_gateway.chat.context_cache import CONTEXT_KEY, LOCK_KEY, ContextStore, Entry, LockTimeout, SessionContext
+from chat_common.periodic import every
+from chat_gateway.chat.context_cache import (
+    CONTEXT_KEY,
+    LOCK_KEY,
+    ContextStore,
+    Entry,
+    LockTimeout,
+    SessionContext,
+)
 
 
 @pytest.fixture
@@ -144,7 +152,7 @@ async def test_an_unrenewed_lease_runs_out_and_a_renewed_one_does_not(redis: Red
     other = str(uuid.uuid4())
     alive = store_for(redis, lease=1)
     await alive.lock(other, read_context=False)
-    keeper = asyncio.create_task(every(alive.renew_seconds, alive.renew_held, "turn lock renewal"))
+    keeper = asyncio.create_task(every(alive.renew_seconds, alive.renew_held, "turn lock renewal", expected=(RedisError,)))
     try:
         with pytest.raises(LockTimeout):  # held well past its 1 s lease
             await store_for(redis, lease=1, wait=2.5).lock(other, read_context=False)

@@ -9,26 +9,27 @@ from litestar import Litestar
 from litestar.di import Provide
 
 from chat_billing.accounts.controllers import AccountController
-from chat_billing.admin import BillingAdmin, BillingAdminController
 from chat_billing.accounts.services import AccountService
-from chat_billing.charges.controllers import ChargeController
-from chat_billing.charges.services import ChargeService
+from chat_billing.admin import BillingAdmin, BillingAdminController
+from chat_billing.balance_aware.controllers import balance_aware_router
 from chat_billing.catalog.controllers import CatalogController
 from chat_billing.catalog.services import CatalogService
-from chat_billing.balance_aware.controllers import balance_aware_router
+from chat_billing.charges.controllers import ChargeController
+from chat_billing.charges.services import ChargeService
 from chat_billing.limits.controllers import LimitController
 from chat_billing.limits.services import LimitService
 from chat_billing.pg import Pg
-from chat_billing.usage.controllers import UsageController
-from chat_billing.usage.services import UsageService
 from chat_billing.reservations.controllers import ReservationController
 from chat_billing.reservations.services import ReservationService
 from chat_billing.reservations.sweeper import sweep_expired_reservations
 from chat_billing.settings import BillingSettings
+from chat_billing.usage.controllers import UsageController
+from chat_billing.usage.services import UsageService
 from chat_billing.users.controllers import UserController
 from chat_billing.users.services import UserService
 from chat_billing.web import ExactJsonRequest
 from chat_common.app import ServicePlugin
+from chat_common.periodic import every
 
 # The largest valid body (a grant of 1000 model ids, settle details) is far below this.
 MAX_BODY_BYTES = 64 * 1024
@@ -50,7 +51,9 @@ def create_app(settings: BillingSettings | None = None) -> Litestar:
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         await pg.open()
         sweeper = asyncio.create_task(
-            sweep_expired_reservations(reservations, settings.reservation_sweep_seconds), name="reservation-sweep"
+            every(settings.reservation_sweep_seconds, lambda: sweep_expired_reservations(reservations),
+                  "reservation sweep"),
+            name="reservation-sweep",
         )
         try:
             yield

@@ -12,6 +12,7 @@ from litestar.di import Provide
 
 from chat_common.app import ServicePlugin
 from chat_common.errors import register_unavailable
+from chat_common.periodic import every
 from chat_files.files.admin import FilesAdmin, FilesAdminController
 from chat_files.files.controllers import FilesController
 from chat_files.files.services import FilesService
@@ -27,15 +28,10 @@ register_unavailable(StorageError)
 BUCKET_WAIT_SECONDS = 30.0
 
 
-async def _sweep_forever(service: FilesService, every: float) -> None:
-    while True:
-        await asyncio.sleep(every)
-        try:
-            result = await service.sweep()
-            if result.stale_removed or result.orphans_removed:
-                logger.info("file sweep", extra={"stale_removed": result.stale_removed, "orphans_removed": result.orphans_removed})
-        except Exception as exc:  # the next round tries again; a sweep failure is not fatal
-            logger.warning("file sweep failed: %s: %s", type(exc).__name__, exc)
+async def _sweep_once(service: FilesService) -> None:
+    result = await service.sweep()
+    if result.stale_removed or result.orphans_removed:
+        logger.info("file sweep", extra={"stale_removed": result.stale_removed, "orphans_removed": result.orphans_removed})
 
 
 async def _ensure_bucket(storage: ObjectStorage, bucket: str) -> None:
@@ -65,7 +61,7 @@ def create_app(settings: FilesSettings | None = None) -> Litestar:
         await _ensure_bucket(storage, settings.s3_bucket)
         sweeper = None
         if settings.file_sweep_seconds > 0:
-            sweeper = asyncio.create_task(_sweep_forever(service, settings.file_sweep_seconds))
+            sweeper = asyncio.create_task(every(settings.file_sweep_seconds, lambda: _sweep_once(service), "file sweep"))
         try:
             yield
         finally:

@@ -8,12 +8,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from litestar import Litestar
 from litestar.config.cors import CORSConfig
 from litestar.di import Provide
+from redis.exceptions import RedisError
 
 from chat_common.app import ServicePlugin, parse_networks
+from chat_common.periodic import every
 from chat_gateway.admin import AdminController
 from chat_gateway.auth import check_configuration
 from chat_gateway.chat.retention import RetentionSweeper
-from chat_gateway.chat.periodic import every
 from chat_gateway.context import GatewayContext
 from chat_gateway.gateway import Gateway
 from chat_gateway.settings import GatewaySettings
@@ -32,18 +33,25 @@ def create_app(settings: GatewaySettings | None = None) -> Litestar:
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         await gateway.start()
         context, runner = gateway.context, gateway.runner
+        # Redis away is expected (its clients reconnect); other failures the loop classifies
+        redis = (RedisError,)
         workers = [
-            asyncio.create_task(every(settings.outbox_sweep_seconds, runner.owed.settle_once, "owed charges")),
-            asyncio.create_task(every(runner.store.renew_seconds, runner.store.renew_held, "turn lock renewal")),
             asyncio.create_task(
-                every(max(1.0, settings.reservation_lease_seconds / 3), runner.renew_holds, "hold renewal")
+                every(settings.outbox_sweep_seconds, runner.owed.settle_once, "owed charges", expected=redis)
+            ),
+            asyncio.create_task(
+                every(runner.store.renew_seconds, runner.store.renew_held, "turn lock renewal", expected=redis)
+            ),
+            asyncio.create_task(
+                every(max(1.0, settings.reservation_lease_seconds / 3), runner.renew_holds, "hold renewal",
+                      expected=redis)
             ),
         ]
         if settings.session_retention_days is not None:
             sweeper = RetentionSweeper(
                 context.sessions, context.files, runner.store, retention_days=settings.session_retention_days
             )
-            workers.append(asyncio.create_task(every(settings.retention_sweep_seconds, sweeper.sweep_once, "retention sweep")))
+            workers.append(asyncio.create_task(every(settings.retention_sweep_seconds, sweeper.sweep_once, "retention sweep", expected=redis)))
         try:
             yield
         finally:

@@ -138,7 +138,7 @@ class ContextStore:
         self.window_size = window_size
         self.ttl_seconds = max(1, ttl_seconds)
         self.lease_ms = max(1000, int(lease_seconds * 1000))
-        # held leases are renewed three times per lease (chat/periodic.py runs renew_held)
+        # held leases are renewed three times per lease (chat_common.periodic.every runs renew_held)
         self.renew_seconds = self.lease_ms / 3000
         self.wait_seconds = wait_seconds
         self._encoder = msgspec.json.Encoder()
