@@ -12,12 +12,17 @@ from litestar import Controller, Request, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
-from chat_billing.inputs import parse_uuid
 from chat_billing.pg import Pg
 from chat_billing.users.services import require_known_models
 from chat_common import contracts as c
 from chat_common.db import delete_naming, refresh_statistics, tables_with_columns
-from chat_common.errors import BadRequestError, ConflictError, NotFoundError, ValidationError
+from chat_common.errors import (
+    BadRequestError,
+    ConflictError,
+    NotFoundError,
+    ValidationError,
+    parse_uuid,
+)
 
 # A ledger of many years goes in one body.
 MAX_IMPORT_BYTES = 512 * 1024 * 1024

@@ -5,9 +5,8 @@ a bad value is refused here with a 400 rather than failing in the database.
 """
 from __future__ import annotations
 
-import uuid
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 
@@ -39,11 +38,6 @@ NonNegativeNanos = Annotated[int, msgspec.Meta(ge=0, le=MAX_MONEY_NANOS)]
 PriceNanos = Annotated[int, msgspec.Meta(ge=0, le=MAX_PRICE_NANOS_PER_1K)]
 TtlSeconds = Annotated[int, msgspec.Meta(ge=1, le=MAX_TTL_SECONDS)]
 ContextLength = Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS)]
-
-
-def parse_uuid(raw: str, name: str, source: Literal["path", "query", "body"] = "path") -> uuid.UUID:
-    """A malformed id is 400 ``validation_error``, as in every service (chat_common.errors)."""
-    return errors.parse_uuid(raw, name, source)
 
 
 def parse_model_id(raw: str) -> int:

@@ -51,6 +51,15 @@ class ValidationError(BadRequestError):
     default_message = "Validation failed"
 
 
+def uuid_or_none(value: object) -> uuid.UUID | None:
+    """The UUID ``value`` spells (any case, with or without hyphens or braces), or None: for
+    checks that answer a malformed id their own way rather than with a ValidationError."""
+    try:
+        return uuid.UUID(value)  # type: ignore[arg-type]
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
 def parse_uuid(value: str, key: str, source: Literal["path", "query", "body"] = "path") -> uuid.UUID:
     """An id taken as a string (so a malformed one reaches the handler instead of missing the
     route with a 404) and parsed: every service answers a malformed one alike."""

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from litestar import Request, WebSocket
 
-from chat_common.errors import ServiceUnavailableError, UnauthorizedError
+from chat_common.errors import ServiceUnavailableError, UnauthorizedError, uuid_or_none
 from chat_gateway.settings import GatewaySettings
 from chat_gateway.ws.protocol import ErrorCode, ProtocolError
 
@@ -344,10 +344,8 @@ def canonical_user_id(user_id: str) -> str:
     """User ids are UUIDs: one spelling of each (lower case, hyphenated), so that owner checks
     that compare strings (the context cache's, for one) see one owner. Anything else is kept as
     sent; no user can have it and it is refused downstream as an unknown user."""
-    try:
-        return str(uuid.UUID(user_id))
-    except (ValueError, AttributeError, TypeError):
-        return user_id
+    parsed = uuid_or_none(user_id)
+    return user_id if parsed is None else str(parsed)
 
 
 def same_user(a: str, b: str) -> bool:

@@ -6,9 +6,14 @@ from litestar import Controller, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 
-from chat_billing.accounts.schemas import AmountRequest, BalanceReply, LedgerEntryReply, LedgerPage
+from chat_billing.accounts.schemas import (
+    AmountRequest,
+    BalanceReply,
+    LedgerEntryReply,
+    LedgerPage,
+)
 from chat_billing.accounts.services import AccountService
-from chat_billing.inputs import parse_uuid
+from chat_common.errors import parse_uuid
 
 Accounts = NamedDependency[AccountService]
 

@@ -5,9 +5,15 @@ from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, JSONBody
 
-from chat_billing.balance_aware.schemas import ModelSetting, ModelView, UserReply, UserSetting
+from chat_billing.balance_aware.schemas import (
+    ModelSetting,
+    ModelView,
+    UserReply,
+    UserSetting,
+)
 from chat_billing.balance_aware.services import BalanceAwareService
-from chat_billing.inputs import parse_model_id, parse_uuid
+from chat_billing.inputs import parse_model_id
+from chat_common.errors import parse_uuid
 
 BalanceAware = NamedDependency[BalanceAwareService]
 

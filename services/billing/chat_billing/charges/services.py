@@ -21,6 +21,7 @@ from chat_billing.pg import Pg
 from chat_billing.reservations.services import SETTLE, receipt_json
 from chat_common.contracts import ChargeBatchResult, ChargeResult
 from chat_common.db import TRANSIENT_SQLSTATES
+from chat_common.errors import uuid_or_none
 
 # Both kinds in one round trip: 't' rows are reservations, 's' rows summary keys.
 DONE = (
@@ -36,12 +37,7 @@ _NOT_FOUND = "reservation not found"
 
 
 def _uuid(raw: str | None) -> uuid.UUID | None:
-    if raw is None:
-        return None
-    try:
-        return uuid.UUID(raw)
-    except ValueError:
-        return None
+    return None if raw is None else uuid_or_none(raw)
 
 
 def _refused(item: ChargeIn, message: str) -> ChargeResult:

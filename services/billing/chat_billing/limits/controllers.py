@@ -6,9 +6,9 @@ from litestar import Controller, delete, get, put
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 
-from chat_billing.inputs import parse_uuid
 from chat_billing.limits.schemas import LimitsReply, LimitsRequest
 from chat_billing.limits.services import LimitService
+from chat_common.errors import parse_uuid
 
 Limits = NamedDependency[LimitService]
 

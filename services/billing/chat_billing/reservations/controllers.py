@@ -4,7 +4,6 @@ from litestar import Controller, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, JSONBody
 
-from chat_billing.inputs import parse_uuid
 from chat_billing.reservations.schemas import (
     ExpireReply,
     LeaseRequest,
@@ -14,6 +13,7 @@ from chat_billing.reservations.schemas import (
     SettleRequest,
 )
 from chat_billing.reservations.services import ReservationService
+from chat_common.errors import parse_uuid
 
 Reservations = NamedDependency[ReservationService]
 

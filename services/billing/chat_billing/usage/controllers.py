@@ -7,8 +7,8 @@ from litestar import Controller, get
 from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, QueryParameter
 
-from chat_billing.inputs import parse_uuid
 from chat_billing.usage.services import ReceiptPage, UsageReply, UsageService
+from chat_common.errors import parse_uuid
 
 Usage = NamedDependency[UsageService]
 SessionQuery = Annotated[str | None, QueryParameter(max_length=100)]

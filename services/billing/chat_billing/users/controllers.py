@@ -5,9 +5,9 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 
 from chat_billing.catalog.schemas import ModelsReply
-from chat_billing.inputs import parse_uuid
 from chat_billing.users.schemas import CreateUserRequest, ModelIdsRequest, UserReply
 from chat_billing.users.services import UserService
+from chat_common.errors import parse_uuid
 
 Users = NamedDependency[UserService]
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 import re
-import uuid
 from enum import IntEnum
 from typing import Any
 
 import msgspec
 
+from chat_common.errors import uuid_or_none
 from chat_common.names import ISSUED_FILE_NAME, NEW_SESSION
 from chat_gateway.settings import GatewaySettings
 
@@ -340,24 +340,17 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-    except (ValueError, AttributeError, TypeError):
-        return False
-    return True
-
-
-def normalize_uuid(value: str) -> str:
-    return str(uuid.UUID(value))
+    return uuid_or_none(value) is not None
 
 
 def _check_session_id(value: str, *, allow_new: bool) -> str:
     if allow_new and value == NEW_SESSION:
         return value
-    if not is_uuid(value):
+    parsed = uuid_or_none(value)
+    if parsed is None:
         allowed = 'a UUID or "NEW"' if allow_new else "a UUID"
         raise ProtocolError(ErrorCode.INVALID_VALUE, f"Field `data.session_id` must be {allowed}")
-    return normalize_uuid(value)
+    return str(parsed)
 
 
 def validate_request(request: msgspec.Struct, settings: GatewaySettings) -> None:
