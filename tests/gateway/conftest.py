@@ -1,7 +1,6 @@
 """Gateway tests against the real system: every service a process, real PostgreSQL, Redis and S3.
 
-``stack`` is the lead's session-wide ``system`` when the root conftest offers one, else a stack
-of our own. Tests that must see or steer what the AI receives start a stand-in AI (the generated
+``stack`` is the session-wide ``system`` of the root conftest (one stack for the whole run). Tests that must see or steer what the AI receives start a stand-in AI (the generated
 servicer in a thread of this process, recording every request) and a gateway process of their
 own pointed at it; everything else goes through the real AI service (offline provider).
 """

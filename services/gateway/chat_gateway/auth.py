@@ -309,12 +309,6 @@ async def authenticate_socket(socket: WebSocket, settings: GatewaySettings) -> I
     return await verifier_for(settings).verify(token)
 
 
-async def authenticate_websocket(socket: WebSocket, settings: GatewaySettings) -> str | None:
-    """The authenticated user id of the socket, or None when authentication is off."""
-    identity = await authenticate_socket(socket, settings)
-    return identity.user_id if identity is not None else None
-
-
 async def authenticate_http(request: Request, settings: GatewaySettings) -> str | None:
     """The user of an upload or download; None when authentication is off.
 
@@ -335,9 +329,6 @@ async def authenticate_http(request: Request, settings: GatewaySettings) -> str 
             raise ServiceUnavailableError(exc.reason) from None
         raise UnauthorizedError(exc.reason) from None
     return identity.user_id
-
-
-# The name the uploads module looks the hook up by.
 
 
 def canonical_user_id(user_id: str) -> str:
