@@ -1,4 +1,4 @@
-"""Latency of type 10's search query (PROTOCOL.md section 11) over 1,000,000 entries.
+"""Latency of type 10's search query (docs/protocol.md, "Extensions" (search)) over 1,000,000 entries.
 
     .venv/bin/python bench/search.py [--entries 1000000] [--users 1000] [--queries 400] [--pg-port 9610]
 

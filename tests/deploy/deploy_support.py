@@ -58,7 +58,7 @@ SERVICES: dict[str, Svc] = {
 HTTP_SERVICES = [s for s in SERVICES.values() if s.kind == "http"]
 DB_SERVICES = ("billing", "sessions", "files")  # the services that own tables (migrations)
 
-# PROTOCOL.md section 7: the original system's keys; they must keep working.
+# the original's configuration keys (.env.sample): the original system's keys; they must keep working.
 ORIGINAL_KEYS = (
     "SERVER_HOST", "SERVER_PORT", "DB_HOST", "DB_USER", "DB_PASSWORD", "DB_NAME", "DB_PORT",
     "REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD", "REDIS_DB", "AI_SERVER_HOST", "AI_SERVER_PORT",

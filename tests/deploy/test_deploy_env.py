@@ -89,7 +89,7 @@ def test_env_sample_lists_every_key_with_a_comment(scan, env_sample) -> None:
 def test_env_sample_has_the_original_keys(env_sample) -> None:
     values, _ = env_sample
     missing = [k for k in ORIGINAL_KEYS if k not in values]
-    assert not missing, f"PROTOCOL.md section 7 keys missing from .env.sample: {missing}"
+    assert not missing, f"the original's configuration keys (.env.sample) keys missing from .env.sample: {missing}"
 
 
 def test_original_keys_are_not_shadowed(scan, env_sample) -> None:

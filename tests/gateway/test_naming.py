@@ -1,4 +1,4 @@
-"""The session-name rule of PROTOCOL.md section 1 (type 3, "NEW")."""
+"""The session-name rule of docs/protocol.md, "A chat turn" (type 3, "NEW")."""
 from __future__ import annotations
 
 import pytest

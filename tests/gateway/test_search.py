@@ -1,4 +1,4 @@
-"""Type 10 (PROTOCOL.md section 11) over a real WebSocket against the real system: a turn is
+"""Type 10 (docs/protocol.md, "Extensions" (search)) over a real WebSocket against the real system: a turn is
 found right after its reply, case-insensitively and across inflections, only by its owner, and
 not after type 4; hostile queries get a normal reply."""
 from __future__ import annotations

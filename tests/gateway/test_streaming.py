@@ -1,4 +1,4 @@
-"""Streamed turns (PROTOCOL.md section 10) over real sockets: two gateway processes on one Redis,
+"""Streamed turns (docs/protocol.md, "Extensions" (streamed turns)) over real sockets: two gateway processes on one Redis,
 in front of the real AI service with OFFLINE_STREAM_DELAY_MS (so a turn takes seconds), and the
 recording stand-in AI that implements only Process (the fallback)."""
 from __future__ import annotations

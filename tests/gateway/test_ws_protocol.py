@@ -1,5 +1,5 @@
 """Every message type over a real WebSocket against the real system (offline AI), with its
-success reply and each error of PROTOCOL.md section 2 that a client can cause."""
+success reply and each error of docs/protocol-errors.md that a client can cause."""
 from __future__ import annotations
 
 import asyncio

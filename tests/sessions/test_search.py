@@ -1,4 +1,4 @@
-"""GET /v1/search: full-text search over one user's entries (PROTOCOL.md section 11), on a
+"""GET /v1/search: full-text search over one user's entries (docs/protocol.md, "Extensions" (search)), on a
 real PostgreSQL: findable in the append's transaction, stemmed, case-insensitive, owner-scoped,
 ranked, never a query language."""
 from __future__ import annotations

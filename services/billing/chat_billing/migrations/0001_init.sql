@@ -91,7 +91,7 @@ CREATE TABLE idempotency (
     created_at  timestamptz NOT NULL DEFAULT now()
 );
 
--- The original catalogue (PROTOCOL.md section 6), dollars per 1K tokens times 1e9.
+-- The original catalogue (the original's catalogue (docs/protocol.md, type 5)), dollars per 1K tokens times 1e9.
 INSERT INTO models (id, name, provider, context_length, input_price_nanos_per_1k, output_price_nanos_per_1k) VALUES
     (0, 'gpt-3.5-turbo-0125',     'openai', 16385,    500000,   1500000),
     (1, 'gpt-3.5-turbo',          'openai', 16385,   3000000,   6000000),

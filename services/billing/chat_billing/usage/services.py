@@ -1,4 +1,4 @@
-"""Usage and receipts (PROTOCOL.md section 12): read from the receipts of migration 0004, one
+"""Usage and receipts (docs/limits-and-usage.md and docs/user-data.md (the operator's commands)): read from the receipts of migration 0004, one
 statement per call. Dollars spent are the receipts' ``charged_nanos``, which are the ledger's
 charges (settle and summary debit rows) one for one, so totals equal the ledger exactly."""
 from __future__ import annotations

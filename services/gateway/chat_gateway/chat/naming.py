@@ -1,4 +1,4 @@
-"""The name a new session gets from its first message (PROTOCOL.md section 1, type 3)."""
+"""The name a new session gets from its first message (docs/protocol.md, "A chat turn (type 3)")."""
 from __future__ import annotations
 
 MAX_NAME_CHARS = 20

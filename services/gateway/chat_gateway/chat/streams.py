@@ -1,4 +1,4 @@
-"""Streamed turns (PROTOCOL.md section 10): deltas through Redis, resumable from any replica.
+"""Streamed turns (docs/protocol.md, "Extensions" (streamed turns)): deltas through Redis, resumable from any replica.
 
 A streamed turn is an ordinary turn (chat/turn.py) whose generate step is :meth:`StreamSink.generate`:
 the AI's ``ProcessStream`` deltas are appended, one entry each, to a Redis stream of the turn

@@ -75,7 +75,7 @@ CONFIRM_SECONDS = 10.0
 APPEND_ATTEMPTS = 3
 _entries_encoder = msgspec.json.Encoder()
 
-# -- what a refused step tells the client (PROTOCOL.md section 2); anything else is 14 ----------
+# -- what a refused step tells the client (docs/protocol-errors.md); anything else is 14 ----------
 
 REFUSALS: dict[str, tuple[tuple[type[AppError], ErrorCode], ...]] = {
     "load": ((AppError, ErrorCode.LOAD_SESSION),),

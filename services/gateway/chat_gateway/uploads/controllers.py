@@ -1,4 +1,4 @@
-"""``POST /upload`` and ``GET /uploads/{fileName}`` (PROTOCOL.md sections 3 and 4).
+"""``POST /upload`` and ``GET /uploads/{fileName}`` (docs/protocol.md, "Uploads" and "Downloads").
 
 The upload never holds the body: the multipart stream is parsed as it arrives and the file
 part is passed on, chunk by chunk, as the streamed body of the files service's upload. Both
@@ -55,7 +55,7 @@ MAX_RAW_FILE_NAME_BYTES = 1024
 
 
 class UploadedFile(msgspec.Struct, rename="camel", kw_only=True):
-    """``data`` of a stored upload (PROTOCOL.md section 3: the original's camelCase names)."""
+    """``data`` of a stored upload (docs/protocol.md, "Uploads": the original's camelCase names)."""
 
     file_name: str
     session_id: str

@@ -1,4 +1,4 @@
-"""``GET /ws``: the Chat-UI protocol (PROTOCOL.md sections 1 and 2).
+"""``GET /ws``: the Chat-UI protocol (docs/protocol.md, "The WebSocket", and docs/protocol-errors.md).
 
 The receive loop only reads and decodes frames; every request becomes a job on the dispatcher
 queue of its type, so a chat turn in progress never delays a session list, and replies of one

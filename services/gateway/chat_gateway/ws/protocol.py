@@ -1,7 +1,7 @@
 """The wire format of ``/ws``: request Structs per message type, the error codes, and turning a
 raw frame into a validated request (or a :class:`ProtocolError` carrying the reply).
 
-Codes 0-16 and their strings are the original backend's (PROTOCOL.md section 2) and must stay
+Codes 0-16 and their strings are the original backend's (docs/protocol-errors.md) and must stay
 byte-for-byte the same: the original UI only looks for the ``error`` key, but other clients match
 on the text. Codes from 100 up are ours; ``docs/protocol-errors.md`` lists them.
 """
@@ -52,7 +52,7 @@ class ErrorCode(IntEnum):
     INTERNAL = 14
     INSUFFICIENT_BALANCE = 15
     BALANCE_DETAILS = 16
-    # ours (PROTOCOL.md: new failure kinds get codes from 100 up)
+    # ours (docs/protocol-errors.md: new failure kinds get codes from 100 up)
     INVALID_FRAME = 100
     MISSING_FIELD = 101
     WRONG_FIELD_TYPE = 102

@@ -1,4 +1,4 @@
--- Full-text search over one's own history (PROTOCOL.md section 11).
+-- Full-text search over one's own history (docs/protocol.md, "Extensions" (search)).
 --
 -- A stored generated column: PostgreSQL computes it in the INSERT that stores the entry, and the
 -- GIN index is updated in that same transaction, so a turn is findable the moment its append

@@ -91,7 +91,7 @@ class SessionsController(Controller):
 
 
 class SearchController(Controller):
-    """Full-text search over one user's history (PROTOCOL.md section 11)."""
+    """Full-text search over one user's history (docs/protocol.md, "Extensions" (search))."""
 
     path = "/v1/search"
     tags = ["search"]
