@@ -153,6 +153,12 @@ class User(msgspec.Struct, kw_only=True):
     balance_nanos: int = 0
 
 
+class ModelList(msgspec.Struct, kw_only=True):
+    """``GET /v1/users/{id}/models``: the models the user is entitled to (active ones)."""
+
+    models: list[ModelInfo]
+
+
 # -- sessions -----------------------------------------------------------------------------------
 
 Role = Literal["user", "assistant", "file"]
@@ -228,6 +234,15 @@ class Entry(msgspec.Struct, kw_only=True):
 
 class EntryList(msgspec.Struct, kw_only=True):
     items: list[Entry]
+
+
+class SessionPage(msgspec.Struct, kw_only=True):
+    """``GET /v1/sessions``: one page of a user's sessions, newest first."""
+
+    items: list[Session]
+    total: int
+    limit: int
+    offset: int
 
 
 class SessionContext(msgspec.Struct, kw_only=True):

@@ -89,6 +89,9 @@ class BillingClient(_Typed):
     async def balance(self, user_id: str) -> c.Balance:
         return await self._call("GET", f"/v1/users/{_path_part(user_id)}/balance", c.Balance)
 
+    async def models(self, user_id: str) -> c.ModelList:
+        return await self._call("GET", f"/v1/users/{_path_part(user_id)}/models", c.ModelList)
+
     # -- per-user administration (the gateway's /v1/admin/users/...) ---------------------------
 
     async def export_user(self, user_id: str) -> c.BillingExport:
@@ -116,6 +119,17 @@ class SessionsClient(_Typed):
             f"/v1/sessions/{_path_part(session_id)}/context",
             c.SessionContext,
             params={"user_id": user_id, "window": window},
+        )
+
+    async def page(self, user_id: str, limit: int, offset: int) -> c.SessionPage:
+        return await self._call(
+            "GET", "/v1/sessions", c.SessionPage, params={"user_id": user_id, "limit": limit, "offset": offset}
+        )
+
+    async def entries(self, session_id: str, user_id: str) -> c.EntryList:
+        """Every entry of the session, in order."""
+        return await self._call(
+            "GET", f"/v1/sessions/{_path_part(session_id)}/entries", c.EntryList, params={"user_id": user_id}
         )
 
     async def last_entries(self, session_id: str, user_id: str, last: int) -> c.EntryList:

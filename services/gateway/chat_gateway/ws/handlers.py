@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import msgspec
 from litestar import WebSocket, websocket
@@ -35,8 +35,8 @@ from chat_gateway.chat.streams import FellBehind, turn_streams
 from chat_gateway.chat.turn import TurnRunner
 from chat_gateway.context import GatewayContext
 from chat_gateway.gateway import GatewayDependency
-from chat_gateway.ws.draining import WS_GOING_AWAY
 from chat_gateway.ws.dispatcher import Dispatcher
+from chat_gateway.ws.draining import WS_GOING_AWAY
 from chat_gateway.ws.limits import RateLimiter, Verdict, subject_of
 from chat_gateway.ws.metrics import (
     CHAT_ERRORS,
@@ -65,6 +65,7 @@ from chat_gateway.ws.protocol import (
 )
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SESSION_PAGE = 500
 MAX_SESSION_PAGES = 40  # 20,000 sessions: past that a client gets the newest ones
@@ -217,8 +218,8 @@ class SocketSession:
     # -- the message types --------------------------------------------------------------------
 
     async def user_details(self, request: UserRequest, user_id: str) -> dict[str, Any]:
-        user = await self._billing("/v1/users/{}", user_id, ErrorCode.INTERNAL)
-        return {"user_id": user_id, "username": user.get("username", "")}
+        user = await self._billing(self.gw.billing.user, user_id, ErrorCode.INTERNAL)
+        return {"user_id": user_id, "username": user.username}
 
     async def list_sessions(self, request: UserRequest, user_id: str) -> dict[str, Any]:
         if not is_uuid(user_id):
@@ -227,13 +228,10 @@ class SocketSession:
         offset = 0
         try:
             for _ in range(MAX_SESSION_PAGES):
-                page = await self.gw.sessions.get(
-                    "/v1/sessions", params={"user_id": user_id, "limit": SESSION_PAGE, "offset": offset}
-                )
-                items = page.get("items") or []
-                info.extend({"session_id": s["session_id"], "session_name": s.get("session_name", "")} for s in items)
-                offset += len(items)
-                if not items or offset >= int(page.get("total", 0)):
+                page = await self.gw.sessions.page(user_id, SESSION_PAGE, offset)
+                info.extend({"session_id": s.session_id, "session_name": s.session_name} for s in page.items)
+                offset += len(page.items)
+                if not page.items or offset >= page.total:
                     break
         except AppError as exc:
             logger.error("could not list sessions: %s", exc.message)
@@ -244,14 +242,12 @@ class SocketSession:
         if not is_uuid(user_id):
             raise ProtocolError(ErrorCode.LOAD_CHATS)
         try:
-            payload = await self.gw.sessions.get(
-                f"/v1/sessions/{request.session_id}/entries", params={"user_id": user_id}
-            )
+            listed = await self.gw.sessions.entries(request.session_id, user_id)
         except AppError as exc:
             if not isinstance(exc, (NotFoundError, BadRequestError)):
                 logger.error("could not load chats: %s", exc.message)
             raise ProtocolError(ErrorCode.LOAD_CHATS) from None
-        chat = [{"role": e["role"], "content": e["content"]} for e in payload.get("items") or []]
+        chat = [{"role": e.role, "content": e.content} for e in listed.items]
         return {"user_id": user_id, "session_id": request.session_id, "chat": msgspec.json.encode(chat).decode()}
 
     async def chat_message(self, request: ChatRequest, user_id: str) -> dict[str, Any] | bytes:
@@ -312,12 +308,12 @@ class SocketSession:
         return await self._durable(delete_session(self.gw, self.runner.store, request.session_id, user_id))
 
     async def list_models(self, request: UserRequest, user_id: str) -> dict[str, Any]:
-        payload = await self._billing("/v1/users/{}/models", user_id, ErrorCode.MODEL_LIST)
-        return {"models": sorted(m["name"] for m in payload.get("models") or [])}
+        listed = await self._billing(self.gw.billing.models, user_id, ErrorCode.MODEL_LIST)
+        return {"models": sorted(m.name for m in listed.models)}
 
     async def balance(self, request: UserRequest, user_id: str) -> dict[str, Any]:
-        payload = await self._billing("/v1/users/{}/balance", user_id, ErrorCode.BALANCE_DETAILS)
-        return {"balance": float(payload["balance"])}
+        money = await self._billing(self.gw.billing.balance, user_id, ErrorCode.BALANCE_DETAILS)
+        return {"balance": money.balance}
 
     async def search(self, request: SearchRequest, user_id: str) -> dict[str, Any]:
         # no user can have a non-UUID id (as for type 1); an unknown user simply finds nothing
@@ -335,11 +331,12 @@ class SocketSession:
         ]
         return {"user_id": user_id, "results": results}
 
-    async def _billing(self, path: str, user_id: str, failure: ErrorCode) -> dict[str, Any]:
+    async def _billing(self, read: Callable[[str], Awaitable[T]], user_id: str, failure: ErrorCode) -> T:
+        """One of billing's reads of a user; an unknown (or impossible) user is USER_NOT_FOUND."""
         if not is_uuid(user_id):
             raise ProtocolError(ErrorCode.USER_NOT_FOUND)
         try:
-            return await self.gw.billing.get(path.format(user_id))
+            return await read(user_id)
         except (NotFoundError, BadRequestError):
             raise ProtocolError(ErrorCode.USER_NOT_FOUND) from None
         except AppError as exc:
