@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 import uuid
 from collections.abc import Iterator
 
@@ -32,7 +31,7 @@ from .conftest import (
 )
 
 RATE = 10
-WINDOW = 3600  # long, so a test never straddles two windows (see wait_for_fresh_window)
+WINDOW = 3600  # longer than any test: a user's window, begun by its first request, outlives it
 SOCKETS = 3
 SLOT_SECONDS = 3
 FRAME = 4096
@@ -56,11 +55,6 @@ def replicas(system: Stack) -> Iterator[list[ServiceProcess]]:
     yield processes
     for process in processes:
         stop_gateway(system, process)
-
-
-def wait_for_fresh_window() -> None:
-    if WINDOW - time.time() % WINDOW < 30:
-        time.sleep(WINDOW - time.time() % WINDOW + 0.5)
 
 
 # ------------------------------------------------------------------------------------ frames
@@ -97,7 +91,6 @@ async def test_a_multibyte_frame_is_measured_in_bytes(system: Stack, replicas: l
 
 
 async def test_a_flood_gets_108_then_the_socket_is_closed(system: Stack, replicas: list[ServiceProcess]) -> None:
-    wait_for_fresh_window()
     user = new_user(system)
     async with connect(ws_url(replicas[0]), token=hs_token(user)) as client:
         for _ in range(RATE):
@@ -117,7 +110,6 @@ async def test_a_flood_gets_108_then_the_socket_is_closed(system: Stack, replica
 
 
 async def test_the_rate_limit_is_shared_by_replicas_and_sockets(system: Stack, replicas: list[ServiceProcess]) -> None:
-    wait_for_fresh_window()
     user = new_user(system)
     token = hs_token(user)
     async with connect(ws_url(replicas[0]), token=token) as first, connect(ws_url(replicas[1]), token=token) as second:
@@ -214,7 +206,6 @@ async def test_none_mode_limits_sockets_per_address(system: Stack) -> None:
     })
     user = new_user(system)
     try:
-        wait_for_fresh_window()
         async with connect(ws_url(process)) as one, connect(ws_url(process)) as two:
             assert_ok(await one.request(6, user_id=user), 6)
             code, _ = await refused(ws_url(process))
@@ -272,7 +263,6 @@ async def test_cors_preflight_for_upload_and_download(system: Stack, replicas: l
 async def test_uploads_and_downloads_draw_on_the_same_budget(system: Stack, replicas: list[ServiceProcess]) -> None:
     from .conftest import failure, upload, upload_fields
 
-    wait_for_fresh_window()
     user = new_user(system)
     token = hs_token(user)
     async with connect(ws_url(replicas[0]), token=token) as client:

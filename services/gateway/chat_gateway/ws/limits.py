@@ -27,9 +27,12 @@ from chat_gateway.settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
 
+# A subject's window starts with its first request and lasts ARGV[1] seconds, by Redis's own
+# clock (the key's expiry): no replica's clock decides where a window begins, and a counter is
+# never left without an expiry (a key found without one, however it got there, is given one).
 _COUNT = """
 local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+if n == 1 or redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
 return n
 """
 
@@ -100,10 +103,9 @@ class RateLimiter:
     async def hit(self, subject: str) -> Verdict:
         if not self.enabled:
             return Verdict.OK
-        window = int(time.time()) // self.window_seconds
-        key = f"rl:req:{_key_part(subject)}:{window}"
+        key = f"rl:req:{_key_part(subject)}"
         try:
-            count = int(await self._script(keys=[key], args=[self.window_seconds + 1]))
+            count = int(await self._script(keys=[key], args=[self.window_seconds]))
         except (RedisError, OSError) as exc:
             self._warner.warn("rate limiter", exc)
             return Verdict.OK
