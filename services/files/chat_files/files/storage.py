@@ -22,6 +22,7 @@ from minio import Minio
 from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 
+from chat_common.feed import BoundedFeed
 from chat_files.settings import FilesSettings
 
 logger = logging.getLogger(__name__)
@@ -109,7 +110,8 @@ class StreamingUpload:
 
     def __init__(self, storage: "ObjectStorage", key: str, content_type: str) -> None:
         self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[object] = asyncio.Queue(QUEUE_CHUNKS)
+        self._feed: BoundedFeed[object] = BoundedFeed(QUEUE_CHUNKS)
+        self._queue = self._feed.queue
         reader = _QueueReader(self._queue, self._loop)
         self._worker = self._loop.run_in_executor(
             storage.upload_executor,
@@ -121,25 +123,12 @@ class StreamingUpload:
         )
 
     async def _offer(self, item: object) -> None:
-        if not self._queue.full():
-            self._queue.put_nowait(item)
-            return
-        putter = asyncio.ensure_future(self._queue.put(item))
-        try:
-            waiting: set[asyncio.Future[Any]] = {putter, self._worker}
-            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not putter.done():
-                putter.cancel()
-        if not putter.done() or putter.cancelled():
+        if not await self._feed.offer(item, self._worker):
             # The worker ended before taking the chunk: that is its failure to report.
             await self._result()
             raise StorageError("upload ended early")
 
     async def write(self, chunk: bytes) -> None:
-        if self._worker.done():
-            await self._result()
-            raise StorageError("upload ended early")
         if chunk:
             await self._offer(chunk)
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from chat_common.errors import UpstreamError
+from chat_common.feed import BoundedFeed
 from chat_gateway.clients import FilesClient
 
 QUEUE_CHUNKS = 8
@@ -17,28 +18,17 @@ _EOF = None
 
 class FilePipe:
     def __init__(self, files: FilesClient, params: dict[str, str]) -> None:
-        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_CHUNKS)
+        self._feed: BoundedFeed[bytes | None] = BoundedFeed(QUEUE_CHUNKS)
         self._task: asyncio.Task[Any] = asyncio.create_task(
             files.post("/v1/uploads", params=params, content=self._body())
         )
 
     async def _body(self) -> AsyncIterator[bytes]:
-        while (chunk := await self._queue.get()) is not _EOF:
+        while (chunk := await self._feed.queue.get()) is not _EOF:
             yield chunk
 
     async def _offer(self, item: bytes | None) -> None:
-        if self._task.done():
-            await self._ended_early()
-        if not self._queue.full():
-            self._queue.put_nowait(item)
-            return
-        putter = asyncio.ensure_future(self._queue.put(item))
-        try:
-            await asyncio.wait({putter, self._task}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not putter.done():
-                putter.cancel()
-        if putter.cancelled() or not putter.done():
+        if not await self._feed.offer(item, self._task):
             await self._ended_early()
 
     async def _ended_early(self) -> None:
