@@ -1,4 +1,4 @@
-"""Streamed turns (PROTOCOL section 10): time to the first delta and deltas per second, for one
+"""Streamed turns (docs/protocol.md, "Extensions"): time to the first delta and deltas per second, for one
 stream and for 32 concurrent streams.
 
     python bench/streams.py [--streams 1 32] [--turns 5] [--delay-ms 0] [--words 200]

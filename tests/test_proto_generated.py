@@ -1,5 +1,5 @@
 """The committed gRPC code matches proto/ (regenerate with ``python -m devstack proto``), and the
-original contract's wire names and field numbers (PROTOCOL section 5) are intact."""
+original contract's wire names and field numbers (proto/ai_service.proto) are intact."""
 from __future__ import annotations
 
 from pathlib import Path

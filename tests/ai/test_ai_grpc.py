@@ -79,7 +79,7 @@ async def test_cost_falls_back_to_the_original_catalogue(ai: Callable) -> None:
     async with ai() as (stub, _, _):
         gpt4 = await stub.Process(turn(model_name="gpt-4", model_provider="openai"), timeout=10)
         unknown = await stub.Process(turn(model_name="home-made-model", model_provider="openai"), timeout=10)
-    # gpt-4: $0.03 in / $0.06 out per 1K tokens (PROTOCOL section 6).
+    # gpt-4: $0.03 in / $0.06 out per 1K tokens (the original catalogue, billing migration 0001).
     expected = -(-(gpt4.input_tokens * dollars_to_nanos("0.03") + gpt4.output_tokens * dollars_to_nanos("0.06")) // 1000)
     assert gpt4.cost_nanos == expected > 0
     # A model priced nowhere is still answered, at no cost.

@@ -1,5 +1,5 @@
 """Prices of a call. The gateway sends the catalogue's prices with every request (fields 100/101);
-the table below is a copy of the original catalogue (PROTOCOL section 6) used only when a caller
+the table below is a copy of the original catalogue (billing migration 0001) used only when a caller
 sends none, as a gateway built for the original does. A model found in neither is answered at
 cost 0: refusing to answer would break a client that added a model the service has never heard
 of, and the gateway, which owns billing, can still refuse unpriced models itself."""

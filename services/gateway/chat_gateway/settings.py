@@ -73,7 +73,7 @@ class GatewaySettings:
     # retention: sessions idle for longer are removed with their files (None: kept forever)
     session_retention_days: float | None = None
     retention_sweep_seconds: float = 300.0
-    # streamed turns (PROTOCOL section 10): how long a finished turn's deltas stay resumable
+    # streamed turns (docs/protocol.md, "Extensions"): how long a finished turn's deltas stay resumable
     stream_retention_seconds: int = 600
 
     @classmethod

@@ -163,7 +163,7 @@ class Turn:
     # what the AI was given and reported, for billing's receipt (sent with the settle)
     receipt: c.ReceiptDetails | None = None
     summary_tokens: tuple[int, int] = (0, 0)  # the last fold's, as the AI reported them
-    # a streamed turn (PROTOCOL section 10): where its deltas go (chat/streams.py), and how it ended
+    # a streamed turn (docs/protocol.md, "Extensions"): where its deltas go (chat/streams.py), and how it ended
     sink: Any = None
     finish_reason: str = "stop"
 

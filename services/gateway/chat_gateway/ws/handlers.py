@@ -260,7 +260,7 @@ class SocketSession:
         return reply
 
     async def streamed_turn(self, request: ChatRequest, user_id: str) -> bytes:
-        """PROTOCOL section 10: the turn runs on its own (durable); this socket follows its
+        """A streamed turn (docs/protocol.md, "Extensions"): the turn runs on its own (durable); this socket follows its
         stream from seq 0 like any resuming socket. Refused before its checks passed, it is the
         ordinary error reply and no type 7."""
         sink = self.streams.sink(user_id)

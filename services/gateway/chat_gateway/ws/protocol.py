@@ -29,11 +29,11 @@ class MessageType(IntEnum):
     DELETE_SESSION = 4
     LIST_MODELS = 5
     BALANCE = 6
-    # extension: streamed turns (PROTOCOL section 10); 7 is sent only, never asked
+    # extension: streamed turns (docs/protocol.md, "Extensions"); 7 is sent only, never asked
     TURN_DELTA = 7
     RESUME_TURN = 8
     CANCEL_TURN = 9
-    # extension: search over one's own history (PROTOCOL section 11)
+    # extension: search over one's own history (docs/protocol.md, "Extensions")
     SEARCH = 10
 
 
@@ -148,7 +148,7 @@ class ChatRequest(msgspec.Struct):
     # None (absent) keeps the session's stored prompt; "" sets it empty.
     session_prompt: str | None = None
     file_name: str | None = None
-    # extension (PROTOCOL section 10): stream the reply as type 7 deltas
+    # extension (streamed turns, docs/protocol.md): stream the reply as type 7 deltas
     stream: bool = False
     on_disconnect: str | None = None  # "continue" (the default) or "cancel"
 
