@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+
 from .ai_helpers import Recorded, Reply, StandIn, base_settings, running_ai
 
 

@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 import grpc
 import pytest
-from .ai_helpers import Recorded, Reply, StandIn, base_settings, running_ai
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chat_ai.server import start_server, stop_server
@@ -21,6 +20,8 @@ from chat_common.aiproto import ai_service_pb2_grpc
 from chat_common.logging import JsonFormatter
 from chat_common.money import dollars_to_nanos
 from devstack.servers import port_is_free
+
+from .ai_helpers import Recorded, Reply, StandIn, base_settings, running_ai
 
 HISTORY = json.dumps([
     {"role": "user", "content": "My cat is called Miso."},

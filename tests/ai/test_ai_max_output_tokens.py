@@ -10,11 +10,12 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from .ai_helpers import Reply, StandIn
 
 from chat_ai.providers.base import ChatCall, count_tokens
 from chat_ai.providers.offline import OfflineProvider, first_tokens
 from chat_common.aiproto import ai_service_pb2 as pb
+
+from .ai_helpers import Reply, StandIn
 
 LONG = " ".join(f"word{i}" for i in range(200))
 

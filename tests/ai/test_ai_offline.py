@@ -7,11 +7,12 @@ from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
-from .ai_helpers import Reply, StandIn
 
 from chat_ai.providers.base import ChatCall, ChatEntry, SummaryCall
 from chat_ai.providers.offline import SUMMARY_MAX_CHARS, OfflineProvider
 from devstack.servers import free_port
+
+from .ai_helpers import Reply, StandIn
 
 
 @pytest.fixture

@@ -7,10 +7,11 @@ from collections.abc import Callable
 
 import grpc
 import pytest
-from .ai_helpers import Reply, StandIn
 
 from chat_common.aiproto import ai_service_pb2 as pb
 from devstack.servers import free_port
+
+from .ai_helpers import Reply, StandIn
 
 
 def ollama_reply(text: str, prompt_eval_count: int = 321, eval_count: int = 45) -> Reply:

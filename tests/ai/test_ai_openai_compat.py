@@ -8,10 +8,11 @@ from collections.abc import Callable
 
 import grpc
 import pytest
-from .ai_helpers import Reply, StandIn
 
 from chat_common.aiproto import ai_service_pb2 as pb
 from devstack.servers import free_port
+
+from .ai_helpers import Reply, StandIn
 
 HISTORY = [
     {"role": "user", "content": "My cat is called Miso."},

@@ -13,10 +13,11 @@ from typing import Any
 
 import grpc
 import pytest
-from .ai_helpers import Reply, StandIn
 
 from chat_common.aiproto import ai_service_pb2 as pb
 from devstack.servers import free_port
+
+from .ai_helpers import Reply, StandIn
 
 
 def turn(**fields: object) -> pb.Request:

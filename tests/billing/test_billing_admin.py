@@ -6,11 +6,12 @@ from typing import Any
 
 import asyncpg
 import pytest
-from .conftest import SCHEMA, balance_of, create_user, ledger_of
 from litestar.testing import AsyncTestClient
 
 from chat_common.app import SERVICE_TOKEN_HEADER
 from chat_common.db import plain_dsn
+
+from .conftest import SCHEMA, balance_of, create_user, ledger_of
 
 SEEDED = {
     0: ("gpt-3.5-turbo-0125", "openai", 16385, 500_000, 1_500_000),

@@ -6,10 +6,11 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from .conftest import assert_ledger_explains, balance_of, create_user, ledger_of
 from litestar.testing import AsyncTestClient
 
 from chat_billing.metrics import SMALLER_RESERVATIONS
+
+from .conftest import assert_ledger_explains, balance_of, create_user, ledger_of
 
 LLAMA = 8  # 1_500_000 nanos per 1K input tokens, 2_000_000 per 1K output tokens
 FULL = 1024

@@ -4,8 +4,9 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from .conftest import balance_of, create_user, ledger_of
 from litestar.testing import AsyncTestClient
+
+from .conftest import balance_of, create_user, ledger_of
 
 
 async def state_of(client: AsyncTestClient, user_id: str) -> tuple[Any, ...]:

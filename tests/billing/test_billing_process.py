@@ -14,11 +14,12 @@ from typing import Any
 
 import httpx
 import pytest
-from .conftest import assert_ledger_explains
 
 from chat_billing import cli
 from chat_common.app import SERVICE_TOKEN_HEADER
 from devstack.servers import ServiceProcess, free_port
+
+from .conftest import assert_ledger_explains
 
 LLAMA_1K_EACH_NANOS = 3_500_000
 

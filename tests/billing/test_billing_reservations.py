@@ -6,6 +6,11 @@ import asyncio
 import uuid
 from typing import Any
 
+from litestar.testing import AsyncTestClient
+
+from chat_billing.app import create_app
+from chat_common.app import SERVICE_TOKEN_HEADER
+
 from .conftest import (
     assert_ledger_explains,
     balance_of,
@@ -13,10 +18,6 @@ from .conftest import (
     create_user,
     ledger_of,
 )
-from litestar.testing import AsyncTestClient
-
-from chat_billing.app import create_app
-from chat_common.app import SERVICE_TOKEN_HEADER
 
 # llama3.1:8b: 1_500_000 nanos per 1K input tokens, 2_000_000 per 1K output tokens.
 LLAMA = 8

@@ -10,17 +10,30 @@ from typing import Any
 
 import asyncpg
 import pytest
-from .conftest import SCHEMA, assert_ledger_explains, balance_of, billing_settings, create_user, ledger_of
 from litestar.testing import AsyncTestClient
 
 from chat_billing.app import create_app
 from chat_billing.charges.schemas import ChargeBatchIn, ChargeIn
 from chat_billing.charges.services import ChargeService
 from chat_billing.pg import Pg
-from chat_billing.reservations.schemas import LeaseRequest, ReleaseRequest, ReserveRequest, SettleRequest
+from chat_billing.reservations.schemas import (
+    LeaseRequest,
+    ReleaseRequest,
+    ReserveRequest,
+    SettleRequest,
+)
 from chat_billing.reservations.services import ReservationService
 from chat_common import contracts
 from chat_common.app import SERVICE_TOKEN_HEADER
+
+from .conftest import (
+    SCHEMA,
+    assert_ledger_explains,
+    balance_of,
+    billing_settings,
+    create_user,
+    ledger_of,
+)
 
 LLAMA = 8
 LLAMA_1K_EACH_NANOS = 3_500_000

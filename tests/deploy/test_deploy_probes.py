@@ -29,6 +29,7 @@ from .deploy_support import (
     ROOT,
     SERVICES,
     Svc,
+    bind_of,
     containers_of,
     environment,
     find,
@@ -37,7 +38,6 @@ from .deploy_support import (
     render_kustomization,
     scan_env_keys,
     settings_class,
-    bind_of,
     workloads,
 )
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import uuid
 from dataclasses import replace
-from urllib.parse import urlsplit
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -387,9 +387,8 @@ async def test_type_check_endpoint(client: httpx.AsyncClient) -> None:
 
 
 async def test_an_unreachable_object_store_is_a_503_not_a_500(settings: FilesSettings, service_token: str) -> None:
-    from devstack.servers import free_port
-
     from chat_files.app import create_app
+    from devstack.servers import free_port
 
     down = replace(settings, s3_endpoint=f"http://127.0.0.1:{free_port()}")  # nothing listens there
     app = create_app(down)

@@ -14,7 +14,14 @@ import pytest
 from devstack.servers import ServiceProcess
 from devstack.stack import Stack
 
-from .gateway_helpers import CONTENT_TYPE, form_fields, repeated, start_pair, stop_pair, streamed_body
+from .gateway_helpers import (
+    CONTENT_TYPE,
+    form_fields,
+    repeated,
+    start_pair,
+    stop_pair,
+    streamed_body,
+)
 
 MB = 1024 * 1024
 # What a process may grow by: a few chunks in flight, plus (files service) the one S3 part

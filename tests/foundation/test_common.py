@@ -14,9 +14,19 @@ from litestar import Litestar, get, post
 
 from chat_common.app import ServicePlugin
 from chat_common.client import ServiceClient
-from chat_common.errors import InsufficientBalanceError, ModelNotEntitledError, NotFoundError, ServiceUnavailableError
+from chat_common.errors import (
+    InsufficientBalanceError,
+    ModelNotEntitledError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from chat_common.logging import JsonFormatter, request_id_var
-from chat_common.money import NANOS_PER_DOLLAR, dollars_to_nanos, nanos_to_dollars, token_cost_nanos
+from chat_common.money import (
+    NANOS_PER_DOLLAR,
+    dollars_to_nanos,
+    nanos_to_dollars,
+    token_cost_nanos,
+)
 from chat_common.settings import ServiceSettings, database_url, env_int
 from devstack.servers import free_port
 

@@ -28,7 +28,16 @@ from chat_common.aiproto import ai_service_pb2 as pb
 from devstack.servers import ServiceProcess
 from devstack.stack import Stack
 
-from .conftest import StandInAI, assert_error, assert_ok, balance_of, connect, new_user, start_gateway, ws_url
+from .conftest import (
+    StandInAI,
+    assert_error,
+    assert_ok,
+    balance_of,
+    connect,
+    new_user,
+    start_gateway,
+    ws_url,
+)
 
 INSUFFICIENT_BALANCE, DAILY = 15, 109
 LLAMA = 8

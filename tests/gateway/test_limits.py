@@ -13,7 +13,15 @@ from typing import Any
 from devstack.servers import ServiceProcess
 from devstack.stack import Stack
 
-from .conftest import assert_error, assert_ok, balance_of, connect, new_user, start_gateway, ws_url
+from .conftest import (
+    assert_error,
+    assert_ok,
+    balance_of,
+    connect,
+    new_user,
+    start_gateway,
+    ws_url,
+)
 
 DAILY, MONTHLY, PER_SESSION = 109, 110, 111
 LLAMA = 8

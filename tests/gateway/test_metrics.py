@@ -8,6 +8,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from devstack.stack import Stack
+
 from .conftest import assert_ok, connect, new_user
 
 

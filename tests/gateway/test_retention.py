@@ -11,7 +11,15 @@ import asyncpg
 from chat_common.db import plain_dsn
 from devstack.stack import Stack
 
-from .conftest import assert_error, assert_ok, connect, internal, new_user, start_gateway, ws_url
+from .conftest import (
+    assert_error,
+    assert_ok,
+    connect,
+    internal,
+    new_user,
+    start_gateway,
+    ws_url,
+)
 
 
 def upload(stack: Stack, user: str, session: str, content: bytes) -> str:

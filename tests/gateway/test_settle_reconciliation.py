@@ -9,7 +9,16 @@ from typing import Any
 
 from devstack.stack import Stack
 
-from .conftest import PROCESS_COST_NANOS, StandInAI, assert_ok, connect, internal, new_user, start_gateway, ws_url
+from .conftest import (
+    PROCESS_COST_NANOS,
+    StandInAI,
+    assert_ok,
+    connect,
+    internal,
+    new_user,
+    start_gateway,
+    ws_url,
+)
 
 
 def _owed_by(stack: Stack, user: str) -> list[dict[str, Any]]:

@@ -15,7 +15,12 @@ from redis.asyncio import Redis
 
 from chat_common import contracts as c
 from chat_common.aiproto import ai_service_pb2 as pb
-from chat_common.errors import NotFoundError, OutcomeUnknownError, ServiceUnavailableError, StaleTurnError
+from chat_common.errors import (
+    NotFoundError,
+    OutcomeUnknownError,
+    ServiceUnavailableError,
+    StaleTurnError,
+)
 from chat_gateway.chat import turn as turn_module
 from chat_gateway.chat.turn import TurnRunner
 from chat_gateway.context import GatewayContext

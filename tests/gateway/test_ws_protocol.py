@@ -13,7 +13,16 @@ from redis.asyncio import Redis
 
 from devstack.stack import Stack
 
-from .conftest import Client, assert_error, assert_ok, balance_of, connect, new_user, start_gateway, ws_url
+from .conftest import (
+    Client,
+    assert_error,
+    assert_ok,
+    balance_of,
+    connect,
+    new_user,
+    start_gateway,
+    ws_url,
+)
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit, urlunsplit
 from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest

@@ -13,8 +13,8 @@ import urllib.error
 from pathlib import Path
 
 from chat_common.settings import database_url, env_int, env_str
-from devstack.stack import Infrastructure, Ports, Stack, wait_ready
 from devstack.servers import port_is_free
+from devstack.stack import Infrastructure, Ports, Stack, wait_ready
 
 DEFAULT_DEMO_USER_ID = "6f0e0a52-3c5e-4a8e-9d43-7d6a1c0de001"
 

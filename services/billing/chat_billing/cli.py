@@ -17,8 +17,8 @@ import asyncio
 import os
 import sys
 import uuid
-from pathlib import Path
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 from typing import Any
 
 import msgspec

@@ -3,7 +3,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from chat_common.db import check_schema_name
-from chat_common.settings import ServiceSettings, database_url, env_bool, env_float, env_int, env_str
+from chat_common.settings import (
+    ServiceSettings,
+    database_url,
+    env_bool,
+    env_float,
+    env_int,
+    env_str,
+)
 
 
 @dataclass(frozen=True)

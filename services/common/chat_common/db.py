@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
 from importlib import resources
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg

@@ -3,8 +3,8 @@ status, parsing of the chat JSON the gateway sends, and the progressive-summary 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc

@@ -10,7 +10,14 @@ from collections.abc import AsyncGenerator
 
 import httpx
 
-from chat_ai.providers.base import ChatCall, Completion, Piece, SummaryCall, count_tokens, one_line
+from chat_ai.providers.base import (
+    ChatCall,
+    Completion,
+    Piece,
+    SummaryCall,
+    count_tokens,
+    one_line,
+)
 from chat_ai.providers.transport import fetch_file
 
 HISTORY_PREVIEW_CHARS = 60

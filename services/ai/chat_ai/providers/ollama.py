@@ -19,7 +19,13 @@ from chat_ai.providers.base import (
     summary_messages,
     system_text,
 )
-from chat_ai.providers.transport import parse_json_line, post_json, post_lines, prepare_attachments, token_count
+from chat_ai.providers.transport import (
+    parse_json_line,
+    post_json,
+    post_lines,
+    prepare_attachments,
+    token_count,
+)
 
 
 class OllamaProvider:

@@ -6,8 +6,8 @@ import asyncio
 import hashlib
 import json
 import mimetypes
-from dataclasses import dataclass
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 

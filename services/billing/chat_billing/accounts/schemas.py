@@ -7,8 +7,8 @@ from typing import Any
 
 import msgspec
 
-from chat_common import contracts
 from chat_billing.inputs import IdempotencyKey, PositiveNanos, Reason
+from chat_common import contracts
 from chat_common.money import nanos_to_dollars
 
 

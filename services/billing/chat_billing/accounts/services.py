@@ -12,7 +12,12 @@ from typing import Any
 
 import asyncpg
 
-from chat_billing.accounts.schemas import AmountRequest, BalanceReply, LedgerEntryReply, LedgerPage
+from chat_billing.accounts.schemas import (
+    AmountRequest,
+    BalanceReply,
+    LedgerEntryReply,
+    LedgerPage,
+)
 from chat_billing.idempotency import fingerprint, run_once
 from chat_billing.inputs import MAX_MONEY_NANOS, money_in_nanos
 from chat_billing.metrics import LEDGER_OPERATIONS

@@ -5,7 +5,13 @@ from typing import Any
 
 import msgspec
 
-from chat_billing.inputs import ContextLength, IdempotencyKey, ModelName, PriceNanos, ProviderName
+from chat_billing.inputs import (
+    ContextLength,
+    IdempotencyKey,
+    ModelName,
+    PriceNanos,
+    ProviderName,
+)
 from chat_common import contracts
 from chat_common.money import nanos_to_dollars
 

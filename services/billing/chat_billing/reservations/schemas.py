@@ -10,7 +10,16 @@ from typing import Annotated, Any
 import msgspec
 
 from chat_billing.catalog.schemas import ModelReply
-from chat_billing.inputs import IdempotencyKey, ModelId, ModelName, NonNegativeNanos, SessionId, Tokens, TtlSeconds, TurnId
+from chat_billing.inputs import (
+    IdempotencyKey,
+    ModelId,
+    ModelName,
+    NonNegativeNanos,
+    SessionId,
+    Tokens,
+    TtlSeconds,
+    TurnId,
+)
 from chat_common import contracts
 from chat_common.money import nanos_to_dollars
 

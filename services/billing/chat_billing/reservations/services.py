@@ -23,7 +23,12 @@ import msgspec
 from chat_billing.accounts.services import UserNotFound
 from chat_billing.idempotency import fingerprint, run_once
 from chat_billing.inputs import reject_nul_characters
-from chat_billing.metrics import LEDGER_OPERATIONS, RESERVATION_FAILURES, SMALLER_RESERVATIONS, count_charge
+from chat_billing.metrics import (
+    LEDGER_OPERATIONS,
+    RESERVATION_FAILURES,
+    SMALLER_RESERVATIONS,
+    count_charge,
+)
 from chat_billing.pg import Pg
 from chat_billing.reservations.schemas import (
     LeaseRequest,
@@ -38,11 +43,11 @@ from chat_common.errors import (
     ConflictError,
     DailyLimitError,
     InsufficientBalanceError,
+    ModelNotEntitledError,
     MonthlyLimitError,
+    NotFoundError,
     SessionLimitError,
     SpendLimitError,
-    ModelNotEntitledError,
-    NotFoundError,
 )
 
 logger = logging.getLogger(__name__)

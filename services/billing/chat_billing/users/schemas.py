@@ -7,8 +7,14 @@ from typing import Annotated
 
 import msgspec
 
+from chat_billing.inputs import (
+    IdempotencyKey,
+    ModelId,
+    ModelIdList,
+    NonNegativeNanos,
+    Username,
+)
 from chat_common import contracts
-from chat_billing.inputs import IdempotencyKey, ModelId, ModelIdList, NonNegativeNanos, Username
 
 
 class CreateUserRequest(msgspec.Struct, forbid_unknown_fields=True):

@@ -14,7 +14,12 @@ from litestar.params import FromPath, JSONBody
 from minio.deleteobjects import DeleteObject
 
 from chat_common import contracts as c
-from chat_common.errors import BadRequestError, ConflictError, ServiceUnavailableError, parse_uuid
+from chat_common.errors import (
+    BadRequestError,
+    ConflictError,
+    ServiceUnavailableError,
+    parse_uuid,
+)
 from chat_common.names import ISSUED_FILE_NAME
 from chat_files.files import sql
 from chat_files.files.services import FilesService

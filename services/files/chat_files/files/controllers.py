@@ -3,9 +3,9 @@ scoped by ``user_id``: another user's file answers exactly like a missing one (4
 from __future__ import annotations
 
 import uuid
-from urllib.parse import quote
 from collections.abc import AsyncIterator
 from typing import Annotated
+from urllib.parse import quote
 
 from litestar import Controller, Request, delete, get, post
 from litestar.connection import ASGIConnection
@@ -18,7 +18,6 @@ from chat_common.names import ISSUED_FILE_NAME
 from chat_files.files import schemas
 from chat_files.files.content_types import HEAD_BYTES
 from chat_files.files.services import FilesService
-
 
 OriginalName = Annotated[str, Parameter(min_length=1, max_length=schemas.MAX_ORIGINAL_NAME_INPUT)]
 

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta, timezone
 
 import asyncpg
 
+from chat_common.db import check_schema_name, create_pool
 from chat_common.errors import (
     BadRequestError,
     ConflictError,
@@ -20,7 +21,6 @@ from chat_common.errors import (
     QuotaExceededError,
     ServiceUnavailableError,
 )
-from chat_common.db import check_schema_name, create_pool
 from chat_files.files import content_types, schemas, sql
 from chat_files.files.metrics import UPLOADED_BYTES, UPLOADED_FILES
 from chat_files.files.models import ATTACHED, STAGED, USED

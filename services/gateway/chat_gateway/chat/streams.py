@@ -35,10 +35,24 @@ from redis.exceptions import RedisError
 from chat_common.aiproto import ai_service_pb2 as pb
 from chat_common.money import dollars_to_nanos, token_cost_nanos
 from chat_gateway.chat.turn import (
-    NothingProduced, Turn, TurnRunner, _cost_nanos, _grpc_code, _grpc_text, _tokens, estimate_tokens,
+    NothingProduced,
+    Turn,
+    TurnRunner,
+    _cost_nanos,
+    _grpc_code,
+    _grpc_text,
+    _tokens,
+    estimate_tokens,
 )
 from chat_gateway.ws.metrics import CHAT_AI_SECONDS, CHAT_ERRORS
-from chat_gateway.ws.protocol import ErrorCode, MessageType, ProtocolError, encode_error, encode_reply, is_uuid
+from chat_gateway.ws.protocol import (
+    ErrorCode,
+    MessageType,
+    ProtocolError,
+    encode_error,
+    encode_reply,
+    is_uuid,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -55,7 +55,13 @@ from chat_common.errors import (
 )
 from chat_common.logging import turn_id_var
 from chat_common.money import dollars_to_nanos, nanos_to_dollars
-from chat_gateway.chat.context_cache import ContextStore, Entry, LockTimeout, SessionContext, context_from_remote
+from chat_gateway.chat.context_cache import (
+    ContextStore,
+    Entry,
+    LockTimeout,
+    SessionContext,
+    context_from_remote,
+)
 from chat_gateway.chat.naming import session_name
 from chat_gateway.chat.outbox import OwedCharges
 from chat_gateway.context import GatewayContext

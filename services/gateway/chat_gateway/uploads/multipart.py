@@ -10,7 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
+from python_multipart.multipart import (
+    MultipartParser,
+    MultipartState,
+    parse_options_header,
+)
 
 from chat_gateway.uploads.refusals import BadUpload, UploadTooLarge
 

@@ -17,7 +17,13 @@ from litestar.params import FromPath, JSONBody
 
 from chat_common import contracts as c
 from chat_common.db import delete_naming, refresh_statistics, tables_with_columns
-from chat_common.errors import BadRequestError, ConflictError, NotFoundError, ValidationError, parse_uuid
+from chat_common.errors import (
+    BadRequestError,
+    ConflictError,
+    NotFoundError,
+    ValidationError,
+    parse_uuid,
+)
 from chat_sessions.sessions.services import SessionsService, clean_text
 
 # An import of a big history goes in one body.

@@ -15,7 +15,12 @@ import msgspec
 
 from chat_common.contracts import ReceiptDetails
 from chat_common.db import check_schema_name, create_pool
-from chat_common.errors import BadRequestError, ConflictError, NotFoundError, StaleTurnError
+from chat_common.errors import (
+    BadRequestError,
+    ConflictError,
+    NotFoundError,
+    StaleTurnError,
+)
 from chat_sessions.sessions import schemas, sql
 from chat_sessions.sessions.search import SEARCHED_ROLES, searchable_words
 
