@@ -4,7 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test proto install bench clean
+.PHONY: run test check proto install bench clean
+
+# What `make check` lints and type-checks (ruff and mypy, configured in pyproject.toml).
+CHECK_PATHS := services tools tests bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +20,13 @@ install: $(VENV)/.installed
 run: install
 	$(PY) -m devstack run
 
-test: install
+# ruff and mypy first, then every test
+test: check
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+check: install
+	$(VENV)/bin/ruff check $(CHECK_PATHS)
+	$(VENV)/bin/mypy $(CHECK_PATHS)
 
 proto: install
 	$(PY) -m devstack proto
