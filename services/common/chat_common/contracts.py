@@ -328,6 +328,15 @@ class FileRecord(msgspec.Struct, kw_only=True):
     status: str = ""
 
 
+class StoredFile(FileRecord, kw_only=True):
+    """A file as the files service holds it: ``POST /v1/uploads`` and ``.../attach`` answer this."""
+
+    original_name: str
+    content_type: str
+    size: int
+    sha256: str
+
+
 class SignedUrl(msgspec.Struct, kw_only=True):
     url: str
 

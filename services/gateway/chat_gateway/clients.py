@@ -8,6 +8,7 @@ after asking by turn id, whether a repeat is needed.
 """
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -158,6 +159,9 @@ class SessionsClient(_Typed):
     async def store_summary(self, session_id: str, request: c.SummaryUpdate) -> c.Session:
         return await self._call("PUT", f"/v1/sessions/{_path_part(session_id)}/summary", c.Session, body=request)
 
+    async def session(self, session_id: str, user_id: str) -> c.Session:
+        return await self._call("GET", f"/v1/sessions/{_path_part(session_id)}", c.Session, params={"user_id": user_id})
+
     async def remove(self, session_id: str, user_id: str) -> None:
         await self.http.request(
             "DELETE", f"/v1/sessions/{_path_part(session_id)}", params={"user_id": user_id}, retry=IDEMPOTENT
@@ -241,9 +245,27 @@ class FilesClient(_Typed):
     async def mark_used(self, file_name: str, use: c.FileUse) -> None:
         await self.http.request("POST", f"/v1/files/{_path_part(file_name)}/used", json=use, retry=IDEMPOTENT)
 
-    async def remove(self, file_name: str, user_id: str) -> None:
-        await self.http.request(
-            "DELETE", f"/v1/files/{_path_part(file_name)}", params={"user_id": user_id}, retry=IDEMPOTENT
+    async def remove(self, file_name: str, user_id: str | None) -> None:
+        """``user_id`` None: only an upload staged without an owner can go (the files API)."""
+        params = {} if user_id is None else {"user_id": user_id}
+        await self.http.request("DELETE", f"/v1/files/{_path_part(file_name)}", params=params, retry=IDEMPOTENT)
+
+    # -- an upload through the gateway (uploads/controllers.py) ---------------------------------
+
+    async def check_upload(self, params: dict[str, str], head: bytes) -> None:
+        """Refuses (415, 413) a file whose name, first bytes or owner's quota will not do."""
+        await self.http.request("POST", "/v1/uploads/check", params=params, content=head, retry=IDEMPOTENT)
+
+    async def upload(self, params: dict[str, str], body: AsyncIterator[bytes]) -> c.StoredFile:
+        # a stream is sent once: its bytes cannot be read again
+        return await self.http.request(
+            "POST", "/v1/uploads", params=params, content=body, retry=SEND_ONCE, type=c.StoredFile
+        )
+
+    async def attach(self, file_name: str, user_id: str, session_id: str) -> c.StoredFile:
+        return await self._call(
+            "POST", f"/v1/files/{_path_part(file_name)}/attach", c.StoredFile,
+            body={"user_id": user_id, "session_id": session_id},
         )
 
     async def remove_session_files(self, session_id: str, user_id: str) -> None:

@@ -18,7 +18,7 @@ MAX_TURN_ID_CHARS = 200
 TurnId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TURN_ID_CHARS, pattern=r"^[^\x00-\x1f\x7f]+$")]
 
 
-class File(contracts.FileRecord, kw_only=True):
+class File(contracts.StoredFile, kw_only=True):
     file_name: str
     original_name: str
     user_id: uuid.UUID | None

@@ -18,6 +18,7 @@ from litestar import Request, Response, get, post
 from litestar.exceptions import InternalServerException
 from litestar.response import Stream
 
+from chat_common import contracts as c
 from chat_common.errors import AppError, NotFoundError
 from chat_common.names import ISSUED_FILE_NAME, NEW_SESSION, TYPE_HEAD_BYTES
 from chat_gateway.auth import authenticate_http, same_user
@@ -145,7 +146,7 @@ class _Upload:
         self.head: list[bytes] = []
         self.head_size = 0
         self.pipe: FilePipe | None = None
-        self.stored: dict[str, Any] | None = None
+        self.stored: c.StoredFile | None = None
         self.created_session: str | None = None
         self.model_name: str | None = None
 
@@ -154,7 +155,7 @@ class _Upload:
     async def check_user(self) -> None:
         self.user_id = _parse_user_id(self.fields.get("user_id", ""), self.authenticated)
         try:
-            await self.ctx.billing.get(f"/v1/users/{self.user_id}")
+            await self.ctx.billing.user(self.user_id)
         except NotFoundError as exc:
             raise UploadNotFound(USER_NOT_FOUND) from exc
         self.user_checked = True
@@ -166,7 +167,7 @@ class _Upload:
         self.session_id = _parse_session_id(self.fields.get("session_id", ""))
         if self.session_id != NEW_SESSION:
             try:
-                await self.ctx.sessions.get(f"/v1/sessions/{self.session_id}", params={"user_id": self.user_id})
+                await self.ctx.sessions.session(self.session_id, self.user_id)
             except NotFoundError as exc:
                 raise UploadNotFound(SESSION_NOT_FOUND) from exc
         elif "model_name" in self.fields or self.stored is not None:
@@ -182,10 +183,10 @@ class _Upload:
         if _CONTROL.search(model_name):
             raise BadUpload("model_name must not contain control characters")
         try:
-            granted = await self.ctx.billing.get(f"/v1/users/{self.user_id}/models")
+            granted = await self.ctx.billing.models(self.user_id)
         except NotFoundError as exc:
             raise UploadNotFound(USER_NOT_FOUND) from exc
-        names = {m.get("name") for m in granted.get("models") or [] if isinstance(m, dict)}
+        names = {m.name for m in granted.models}
         if model_name not in names:
             # unknown and not granted read the same: the catalogue is not the client's to probe
             raise UploadForbidden(MODEL_ACCESS)
@@ -238,9 +239,7 @@ class _Upload:
         if self.user_checked:
             params["user_id"] = self.user_id
         # A wrong type is refused on the file's first bytes, before the rest is sent on.
-        await self.ctx.files.post(
-            "/v1/uploads/check", params={**params, "complete": str(complete).lower()}, content=head[:TYPE_HEAD_BYTES]
-        )
+        await self.ctx.files.check_upload({**params, "complete": str(complete).lower()}, head[:TYPE_HEAD_BYTES])
         if self.session_checked and self.session_id != NEW_SESSION:
             params["session_id"] = self.session_id
         self.pipe = FilePipe(self.ctx.files, params)
@@ -255,7 +254,7 @@ class _Upload:
             await self.check_user()
         if not self.session_checked:
             await self.check_session()
-        file_name = self.stored["file_name"]
+        file_name = self.stored.file_name
         session_id = self.session_id
         if session_id == NEW_SESSION:
             if self.model_name is None:
@@ -264,32 +263,24 @@ class _Upload:
             prompt = self.fields.get("session_prompt", "")
             if len(prompt) > self.settings.max_prompt_chars:
                 raise BadUpload(f"session_prompt is too long (at most {self.settings.max_prompt_chars} characters)")
-            session = await self.ctx.sessions.post(
-                "/v1/sessions",
-                json={
-                    "user_id": self.user_id,
-                    "name": session_name_for(self.stored["original_name"]),
-                    "model_name": model_name,
-                    "prompt": prompt,
-                    "idempotency_key": f"upload:{file_name}",
-                },
-            )
-            session_id = str(session["session_id"])
+            assert model_name is not None  # check_model set it or refused
+            session = await self.ctx.sessions.create(c.SessionCreate(
+                user_id=self.user_id, name=session_name_for(self.stored.original_name), model_name=model_name,
+                prompt=prompt, idempotency_key=f"upload:{file_name}",
+            ))
+            session_id = session.session_id
             self.created_session = session_id
-        if self.stored.get("session_id") != session_id:
-            self.stored = await self.ctx.files.post(
-                f"/v1/files/{file_name}/attach",
-                json={"user_id": self.user_id, "session_id": session_id},
-            )
+        if self.stored.session_id != session_id:
+            self.stored = await self.ctx.files.attach(file_name, self.user_id, session_id)
         stored = self.stored
         return UploadedFile(
             file_name=file_name,
             session_id=session_id,
             image_url=f"{self.settings.public_url}/uploads/{file_name}",
-            size=stored["size"],
-            sha256=stored["sha256"],
-            content_type=stored["content_type"],
-            original_name=stored["original_name"],
+            size=stored.size,
+            sha256=stored.sha256,
+            content_type=stored.content_type,
+            original_name=stored.original_name,
         )
 
     async def discard(self) -> None:
@@ -298,9 +289,8 @@ class _Upload:
             await self.pipe.abort()
         if self.stored is not None:
             # Without a checked user only an upload staged with no owner can go (files API).
-            params = {"user_id": self.user_id} if self.user_checked else {}
             try:
-                await self.ctx.files.delete(f"/v1/files/{self.stored['file_name']}", params=params, retries=1)
+                await self.ctx.files.remove(self.stored.file_name, self.user_id if self.user_checked else None)
             except NotFoundError:
                 pass  # already gone (the files service drops an upload it refused to attach)
             except AppError as exc:
@@ -309,9 +299,7 @@ class _Upload:
         if self.created_session is not None:
             # A "NEW" session made for a file that then could not be attached would be empty.
             try:
-                await self.ctx.sessions.delete(
-                    f"/v1/sessions/{self.created_session}", params={"user_id": self.user_id}, retries=1
-                )
+                await self.ctx.sessions.remove(self.created_session, self.user_id)
             except AppError as exc:
                 logger.warning("could not remove the session of a failed upload: %s", exc.message)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
 
+from chat_common import contracts as c
 from chat_common.errors import UpstreamError
 from chat_common.feed import BoundedFeed
 from chat_gateway.clients import FilesClient
@@ -19,8 +19,8 @@ _EOF = None
 class FilePipe:
     def __init__(self, files: FilesClient, params: dict[str, str]) -> None:
         self._feed: BoundedFeed[bytes | None] = BoundedFeed(QUEUE_CHUNKS)
-        self._task: asyncio.Task[Any] = asyncio.create_task(
-            files.post("/v1/uploads", params=params, content=self._body())
+        self._task: asyncio.Task[c.StoredFile] = asyncio.create_task(
+            files.upload(params, self._body())
         )
 
     async def _body(self) -> AsyncIterator[bytes]:
@@ -41,7 +41,7 @@ class FilePipe:
         if chunk:
             await self._offer(chunk)
 
-    async def finish(self) -> dict[str, Any]:
+    async def finish(self) -> c.StoredFile:
         await self._offer(_EOF)
         return await self._task
 
