@@ -1,8 +1,8 @@
 """Typed clients of the internal services, one per service, each owning its paths.
 
-Every method sends and receives the structs of :mod:`chat_common.contracts`; nothing on the
-turn's path builds or reads a dict. Retries are decided here, once per kind of call, and
-nowhere above: reads and calls made idempotent by a key or a turn id ride out a short outage
+Every method sends and receives the structs of :mod:`chat_common.contracts` (only a download's
+bytes are streamed through untyped); no caller builds or reads a reply dict. Retries are
+decided here, once per kind of call, and nowhere above: reads and calls made idempotent by a key or a turn id ride out a short outage
 (``IDEMPOTENT``); the append is sent once (``SEND_ONCE``) because the turn itself decides,
 after asking by turn id, whether a repeat is needed.
 """
@@ -43,17 +43,7 @@ class _Typed:
     async def ping(self) -> None:
         await self.http.ping()
 
-    # Untyped calls, for the routes off the turn's path that still read plain JSON (listings,
-    # uploads and downloads); each goes through the same client, retries and error mapping.
-    async def get(self, path: str, **kwargs: Any) -> Any:
-        return await self.http.get(path, **kwargs)
-
-    async def post(self, path: str, **kwargs: Any) -> Any:
-        return await self.http.post(path, **kwargs)
-
-    async def delete(self, path: str, **kwargs: Any) -> Any:
-        return await self.http.delete(path, **kwargs)
-
+    # A reply streamed through as it comes (a file download): bytes, not JSON, so no contract.
     def stream(self, method: str, path: str, **kwargs: Any) -> Any:
         return self.http.stream(method, path, **kwargs)
 
