@@ -36,10 +36,6 @@ CHARGE_SUMMARY = "SELECT * FROM billing_charge_summary($1, $2, $3, $4, $5, $6, $
 _NOT_FOUND = "reservation not found"
 
 
-def _uuid(raw: str | None) -> uuid.UUID | None:
-    return None if raw is None else uuid_or_none(raw)
-
-
 def _refused(item: ChargeIn, message: str) -> ChargeResult:
     return ChargeResult(key=item.key, status="refused", message=message)
 
@@ -51,8 +47,8 @@ class ChargeService:
     async def apply(self, batch: ChargeBatchIn) -> ChargeBatchResult:
         items = batch.items
         results: list[ChargeResult | None] = [None] * len(items)
-        users: list[uuid.UUID | None] = [_uuid(item.user_id) for item in items]
-        reservations: list[uuid.UUID | None] = [_uuid(item.reservation_id) for item in items]
+        users: list[uuid.UUID | None] = [uuid_or_none(item.user_id) for item in items]
+        reservations: list[uuid.UUID | None] = [uuid_or_none(item.reservation_id) for item in items]
         for index, item in enumerate(items):
             if users[index] is None:
                 results[index] = _refused(item, "user_id must be a UUID")

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 
 import asyncpg
 
-from chat_common.db import check_schema_name, create_pool
+from chat_common.db import create_pool
 from chat_common.errors import (
     BadRequestError,
     ConflictError,
@@ -121,7 +121,7 @@ class FilesService:
 
     async def start(self) -> None:
         if self.pool is None:
-            self.pool = await create_pool(self.database_url, check_schema_name(self.schema), max_size=20)
+            self.pool = await create_pool(self.database_url, self.schema, max_size=20)  # checks the schema name
 
     async def close(self) -> None:
         if self.pool is not None:

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 # never left without an expiry (a key found without one, however it got there, is given one).
 _COUNT = """
 local n = redis.call('INCR', KEYS[1])
-if n == 1 or redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
 return n
 """
 
