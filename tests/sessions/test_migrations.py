@@ -19,9 +19,9 @@ TABLES = {"schema_migrations", "sessions", "entries", "turns", "outbox", "expire
 # Every file of the package's migrations folder, in name order (the first ones by name, so a
 # lost file fails too).
 VERSIONS = sorted(path.stem for path in (Path(chat_sessions.__file__).parent / "migrations").glob("*.sql"))
-assert VERSIONS[:8] == [
+assert VERSIONS[:9] == [
     "0001_init", "0002_outbox_and_turn_functions", "0003_search", "0004_retention", "0005_search_plan",
-    "0007_outbox_receipt", "0008_erase", "0009_search_words",
+    "0007_outbox_receipt", "0008_erase", "0009_search_words", "0010_store_summary_receipt",
 ]
 
 

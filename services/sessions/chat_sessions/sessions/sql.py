@@ -62,7 +62,7 @@ SELECT o_status, o_first_seq, o_count, o_entry_count
   FROM append_turn($1, $2, $3, $4::text[], $5::text[], $6, $7, $8, $9, $10, $11, $12::jsonb, $13::text[])
 """
 
-# $12 / $9: the receipt's details for the outbox row, JSON text (migration 0007)
+# $9: the receipt's details for the outbox row, JSON text (migrations 0007, 0010)
 STORE_SUMMARY = f"SELECT {_SESSION_COLUMNS} FROM store_summary($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)"
 
 GET_TURN = """
