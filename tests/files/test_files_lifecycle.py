@@ -359,7 +359,7 @@ async def test_malformed_or_unknown_names_are_404(client: httpx.AsyncClient, met
         ("GET", f"/v1/files/{'a' * 32}.txt/url", {"params": {"user_id": new_id(), "expires_seconds": "soon"}}),
         ("GET", f"/v1/files/{'a' * 32}.txt/url", {"params": {"user_id": new_id(), "expires_seconds": 10**9}}),
         ("GET", "/v1/sessions/not-a-uuid/files", {"params": {"user_id": new_id()}}),
-        ("GET", f"/v1/sessions/{new_id()}/files", {}),
+        ("GET", f"/v1/sessions/{uuid.uuid5(uuid.NAMESPACE_URL, 'test_files_lifecycle/s')}/files", {}),  # fixed: part of the test id
         ("POST", "/v1/uploads/check", {"params": {"original_name": "a.txt"}, "content": b"x" * 100_000}),
     ],
 )

@@ -31,7 +31,9 @@ from chat_common.app import SERVICE_TOKEN_HEADER
 from chat_common.db import apply_migrations
 from chat_common.settings import ServiceSettings
 
-U = str(uuid.uuid4())  # a well-formed id nothing is stored under
+# a well-formed id nothing is stored under; fixed, as it is part of test ids (which every
+# pytest-xdist worker must collect alike)
+U = str(uuid.uuid5(uuid.NAMESPACE_URL, "test_one_answer/nobody"))
 BAD = "not-a-uuid"
 FILE = "0123456789abcdef0123456789abcdef.txt"  # the shape of a name the files service makes
 

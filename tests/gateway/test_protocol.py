@@ -20,8 +20,9 @@ from chat_gateway.ws.protocol import (
     encode_error,
 )
 
-USER = str(uuid.uuid4())
-SESSION = str(uuid.uuid4())
+# fixed ids (they are part of test ids, which every pytest-xdist worker must collect alike)
+USER = str(uuid.uuid5(uuid.NAMESPACE_URL, "test_protocol/user"))
+SESSION = str(uuid.uuid5(uuid.NAMESPACE_URL, "test_protocol/session"))
 
 
 @pytest.fixture(scope="module")
