@@ -48,6 +48,15 @@ FAULT_ENV = {
     "MAX_SOCKETS_PER_USER": "100000",
     "S3_BUCKET": "fault-files",
     "SHUTDOWN_GRACE_SECONDS": "2",
+    # Recovery on a short clock, so each scenario's wait for it is short: a dead gateway's turn
+    # lock lapses in 3 s, a dead turn's hold in 4 s (a live turn renews it every 1.3 s), and
+    # owed charges are picked up a second after they were left. The same code paths as the
+    # defaults (10 s, 30 s, 10 s), only sooner; the bounds the test asserts stay as stated.
+    "TURN_LOCK_LEASE_SECONDS": "3",
+    "RESERVATION_LEASE_SECONDS": "4",
+    "RESERVATION_SWEEP_SECONDS": "0.5",
+    "OUTBOX_GRACE_SECONDS": "1",
+    "OUTBOX_SWEEP_SECONDS": "0.5",
 }
 
 
