@@ -20,9 +20,13 @@ install: $(VENV)/.installed
 run: install
 	$(PY) -m devstack run
 
-# ruff and mypy first, then every test
+# Test workers: most of a test's time is spent waiting on the processes it starts, so more
+# workers than cores; each worker runs whole files (--dist loadfile) on a stack of its own.
+TEST_WORKERS ?= 4
+
+# ruff and mypy first, then every test, then line coverage
 test: check
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --cov --cov-report=term $(PYTEST_ARGS)
 
 check: install
 	$(VENV)/bin/ruff check $(CHECK_PATHS)

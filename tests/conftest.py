@@ -116,3 +116,22 @@ def system(work_dir: Path, postgres: PostgresServer, redis_server: RedisServer, 
         raise
     yield stack
     stack.stop()
+
+
+# The files that take longest, run first: pytest-xdist (--dist loadfile, as `make test` runs it)
+# hands files to workers in collection order, and one of these started last would be the end of
+# the run on its own.
+LONGEST_FIRST = (
+    "tests/faults/test_turn_faults.py",
+    "tests/foundation/test_run_command.py",
+    "tests/gateway/test_dependency_restarts.py",
+    "tests/gateway/test_streaming.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::", 1)[0]
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file keeps its own order
