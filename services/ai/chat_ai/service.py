@@ -11,7 +11,6 @@ from typing import Any, NoReturn
 
 import grpc
 import httpx
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from chat_ai.pricing import call_cost
 from chat_ai.providers import ProviderRegistry
@@ -27,6 +26,7 @@ from chat_ai.providers.base import (
 from chat_ai.settings import AISettings
 from chat_common.aiproto import ai_service_pb2, ai_service_pb2_grpc
 from chat_common.logging import request_id_var, turn_id_var
+from chat_common.proto_time import timestamp_now
 from chat_common.tracing import start_span
 
 logger = logging.getLogger("chat_ai.service")
@@ -82,12 +82,6 @@ def call_ids(context: grpc.aio.ServicerContext) -> Iterator[None]:
     finally:
         request_id_var.reset(request_token)
         turn_id_var.reset(turn_token)
-
-
-def now() -> Timestamp:
-    stamp = Timestamp()
-    stamp.GetCurrentTime()
-    return stamp
 
 
 class AIService(ai_service_pb2_grpc.AIServiceServicer):
@@ -165,7 +159,7 @@ class AIService(ai_service_pb2_grpc.AIServiceServicer):
         if input_tokens or output_tokens:
             cost_nanos, cost = call_cost(model, input_tokens, output_tokens, *prices)
         return ai_service_pb2.StreamChunk(
-            delta=delta, done=done, cost=cost, timestamp=now(),
+            delta=delta, done=done, cost=cost, timestamp=timestamp_now(),
             input_tokens=input_tokens, output_tokens=output_tokens, cost_nanos=cost_nanos,
         )
 
@@ -223,7 +217,7 @@ class AIService(ai_service_pb2_grpc.AIServiceServicer):
         return ai_service_pb2.Response(
             response_text=completion.text,
             cost=cost,
-            timestamp=now(),
+            timestamp=timestamp_now(),
             input_tokens=completion.input_tokens,
             output_tokens=completion.output_tokens,
             cost_nanos=cost_nanos,

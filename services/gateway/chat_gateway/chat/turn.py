@@ -34,7 +34,6 @@ from typing import Any
 
 import grpc
 import msgspec
-from google.protobuf.timestamp_pb2 import Timestamp
 from redis.exceptions import RedisError
 
 from chat_common import contracts as c
@@ -55,6 +54,7 @@ from chat_common.errors import (
 )
 from chat_common.logging import turn_id_var
 from chat_common.money import dollars_to_nanos, nanos_to_dollars
+from chat_common.proto_time import timestamp_now
 from chat_gateway.chat.context_cache import (
     ContextStore,
     Entry,
@@ -126,12 +126,6 @@ def history_json(entries: list[Entry]) -> str:
 
 def estimate_tokens(*texts: str) -> int:
     return max(1, sum(len(t) for t in texts) // 4)
-
-
-def _now() -> Timestamp:
-    stamp = Timestamp()
-    stamp.GetCurrentTime()
-    return stamp
 
 
 def _tokens(reply: pb.Response) -> tuple[int, int]:
@@ -456,7 +450,7 @@ class TurnRunner:
             chat_history=history_json(context.window()),
             # the balance before this turn's hold, as the original sent it
             balance=nanos_to_dollars(reservation.balance_nanos + reservation.amount_nanos),
-            timestamp=_now(),
+            timestamp=timestamp_now(),
             model_provider=model.provider,
             input_price_nanos_per_1k=model.input_price_nanos_per_1k,
             output_price_nanos_per_1k=model.output_price_nanos_per_1k,
@@ -685,7 +679,7 @@ class TurnRunner:
                 model_provider=model.provider,
                 previous_summary=previous,
                 chat_entries=history_json(entries),
-                timestamp=_now(),
+                timestamp=timestamp_now(),
                 input_price_nanos_per_1k=model.input_price_nanos_per_1k,
                 output_price_nanos_per_1k=model.output_price_nanos_per_1k,
             )
@@ -707,7 +701,7 @@ class TurnRunner:
             session_prompt=SUMMARY_PROMPT,
             chat_summary="",
             chat_history="[]",
-            timestamp=_now(),
+            timestamp=timestamp_now(),
             model_provider=model.provider,
             input_price_nanos_per_1k=model.input_price_nanos_per_1k,
             output_price_nanos_per_1k=model.output_price_nanos_per_1k,
