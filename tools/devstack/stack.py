@@ -6,8 +6,11 @@ import json
 import secrets
 import time
 import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar, cast
 
 from devstack.servers import (
     ManagedServer,
@@ -17,6 +20,27 @@ from devstack.servers import (
     ServiceProcess,
     free_port,
 )
+
+T = TypeVar("T")
+
+
+def side_by_side(calls: dict[str, Callable[[], T]]) -> tuple[dict[str, T], BaseException | None]:
+    """Run each call in a thread of its own and wait for all of them: what they returned, by
+    name (in the order given), and the first failure, if any."""
+    if not calls:
+        return {}, None
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        futures = {name: pool.submit(call) for name, call in calls.items()}
+    results: dict[str, T] = {}
+    failure: BaseException | None = None
+    for name, future in futures.items():
+        error = future.exception()
+        if error is None:
+            results[name] = future.result()
+        elif failure is None:
+            failure = error
+    return results, failure
+
 
 SERVICE_MODULES = {
     "billing": "chat_billing",
@@ -74,30 +98,42 @@ class Stack:
     # infrastructure ------------------------------------------------------------------------
 
     def start_infrastructure(self) -> None:
+        """PostgreSQL, Redis and the S3 store, each unless its URL is given, started side by side
+        (each start is mostly waiting: initdb, SeaweedFS's own start-up)."""
+        starters: dict[str, Callable[[], ManagedServer]] = {}
         if not self.infra.database_url:
-            pg = PostgresServer(
-                "postgres", self.local_ports.get("postgres") or free_port(), self.data_dir / "postgres",
-                durable=self.durable,
-            ).start()
-            pg.create_database("chat")
-            self.servers.append(pg)
-            self.infra.database_url = pg.url("chat")
+            def postgres() -> ManagedServer:
+                pg = PostgresServer(
+                    "postgres", self.local_ports.get("postgres") or free_port(), self.data_dir / "postgres",
+                    durable=self.durable,
+                ).start()
+                pg.create_database("chat")
+                return pg
+            starters["postgres"] = postgres
         if not self.infra.redis_url:
-            redis = RedisServer("redis", self.local_ports.get("redis") or free_port(), self.data_dir / "redis").start()
-            self.servers.append(redis)
-            self.infra.redis_url = redis.url()
+            starters["redis"] = lambda: RedisServer(
+                "redis", self.local_ports.get("redis") or free_port(), self.data_dir / "redis").start()
         if not self.infra.s3_endpoint:
             # the SeaweedFS ports asked for, else S3Server's own defaults (0: found free)
-            s3 = S3Server(
+            starters["s3"] = lambda: S3Server(
                 "s3", self.local_ports.get("s3") or free_port(also_free_offset=10000), self.data_dir / "s3",
                 master_port=self.local_ports.get("master_port", 0),
                 volume_port=self.local_ports.get("volume_port", 0),
                 filer_port=self.local_ports.get("filer_port", 0),
             ).start()
-            self.servers.append(s3)
+        started, failure = side_by_side(starters)
+        self.servers.extend(started.values())  # so that a failed start still stops the others
+        if "postgres" in started:
+            self.infra.database_url = cast(PostgresServer, started["postgres"]).url("chat")
+        if "redis" in started:
+            self.infra.redis_url = cast(RedisServer, started["redis"]).url()
+        if "s3" in started:
+            s3 = cast(S3Server, started["s3"])
             self.infra.s3_endpoint = s3.endpoint()
             self.infra.s3_access_key = s3.access_key
             self.infra.s3_secret_key = s3.secret_key
+        if failure is not None:
+            raise failure
 
     # services ------------------------------------------------------------------------------
 
@@ -149,20 +185,28 @@ class Stack:
 
     def start(self) -> "Stack":
         self.start_infrastructure()
-        # Migrations run on start; the three database services start one after another so
-        # their schema creation does not contend, then the gateway last.
-        for name in ("billing", "sessions", "files"):
-            self.start_service(name)
-        self.start_ai()
+        # The database services and the AI service side by side (migrations take an advisory
+        # lock per schema, so concurrent starts are safe), then the gateway, which needs them.
+        _, failure = side_by_side({
+            "billing": lambda: self.start_service("billing"),
+            "sessions": lambda: self.start_service("sessions"),
+            "files": lambda: self.start_service("files"),
+            "ai": self.start_ai,
+        })
+        if failure is not None:
+            raise failure
         self.start_service("gateway")
         return self
 
     def stop(self) -> None:
-        for process in reversed(list(self.services.values())):
-            process.stop()
+        """The gateway first (it finishes turns in flight against the others), then the other
+        services side by side, then the servers side by side."""
+        gateways = [self.services.pop(name) for name in list(self.services) if name.startswith("gateway")]
+        side_by_side({f"{i}": gateway.stop for i, gateway in enumerate(gateways)})
+        others = list(self.services.values())
+        side_by_side({f"{i}": process.stop for i, process in enumerate(others)})
         self.services.clear()
-        for server in reversed(self.servers):
-            server.stop()
+        side_by_side({f"{i}": server.stop for i, server in enumerate(self.servers)})
         self.servers.clear()
 
     # single parts (faults, measurements) -----------------------------------------------------
