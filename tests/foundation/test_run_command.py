@@ -36,7 +36,7 @@ def _wait_for_banner(process: subprocess.Popen, log: Path, timeout: float = 120)
             return text
         if process.poll() is not None:
             pytest.fail(f"run command exited {process.returncode}:\n{text}")
-        time.sleep(0.3)
+        time.sleep(0.05)
     pytest.fail(f"run command did not come up:\n{log.read_text(errors='replace')}")
 
 

@@ -261,17 +261,22 @@ async def test_failed_summary_is_folded_on_the_next_turn(
 
 
 async def test_busy_session_times_out_with_its_own_code(stack: Stack, stand_in_ai: StandInAI) -> None:
-    gateway = start_gateway(stack, stand_in_ai.port, TURN_LOCK_SECONDS="2")
+    gateway = start_gateway(stack, stand_in_ai.port, TURN_LOCK_SECONDS="1")
     user = new_user(stack)
     async with connect(ws_url(gateway)) as first, connect(ws_url(gateway)) as second:
         session = assert_ok(await first.chat(user, "NEW", "hello"), 3)["session_id"]
-        await first.send(3, user_id=user, session_id=session, model_id=8, message="slow:5 hold the session")
-        await asyncio.sleep(0.5)
-        # the lock is held (its lease renewed) while the turn runs; this one waits its 2 s and gives up
+        await first.send(3, user_id=user, session_id=session, model_id=8, message="slow:3 hold the session")
+        # the AI has the slow turn: it holds the session's lock (taken before the AI is called)
+        for _ in range(500):
+            if len(stand_in_ai.seen_for(session)) == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert len(stand_in_ai.seen_for(session)) == 2, stand_in_ai.seen_for(session)
+        # the lock is held (its lease renewed) while the turn runs; this one waits its 1 s and gives up
         assert_error(await second.chat(user, session, "me too"), 107, 3, "Session is busy")
-        assert assert_ok(await first.recv(), 3)["message"] == "reply to: slow:5 hold the session"
+        assert assert_ok(await first.recv(), 3)["message"] == "reply to: slow:3 hold the session"
     final = await chat_of(ws_url(gateway), user, session)
-    assert [e["content"] for e in final[::2]] == ["hello", "slow:5 hold the session"]
+    assert [e["content"] for e in final[::2]] == ["hello", "slow:3 hold the session"]
     money = balance_of(stack, user)
     assert money["reserved_nanos"] == 0 and money["balance_nanos"] == START_NANOS - 2 * PROCESS_COST_NANOS
     gateway.stop()

@@ -21,6 +21,7 @@ import uuid
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from devstack.servers import ServiceProcess, free_port
@@ -436,6 +437,27 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+def _open_sockets(pid: int, port: int) -> int:
+    """How many accepted sockets on ``port`` the process still holds open."""
+    return sum(1 for c in psutil.Process(pid).net_connections("tcp")
+               if c.laddr and c.laddr.port == port and c.status != psutil.CONN_LISTEN)
+
+
+async def _settled_rss(pid: int, port: int, sockets: int, timeout: float = 30.0) -> int:
+    """The process's RSS once it holds exactly ``sockets`` accepted sockets on ``port`` and its
+    RSS has stopped moving (unchanged by more than 64 KiB over three samples 0.2 s apart)."""
+    deadline = time.monotonic() + timeout
+    while _open_sockets(pid, port) != sockets:
+        assert time.monotonic() < deadline, f"{_open_sockets(pid, port)} sockets open, expected {sockets}"
+        await asyncio.sleep(0.05)
+    samples = [_rss_kib(pid)]
+    while len(samples) < 3 or max(samples[-3:]) - min(samples[-3:]) > 64:
+        assert time.monotonic() < deadline, f"RSS did not settle: {samples}"
+        await asyncio.sleep(0.2)
+        samples.append(_rss_kib(pid))
+    return samples[-1]
+
+
 async def test_sigterm_with_hung_and_half_open_connections_exits_0(system: Stack) -> None:
     grace = 3
     process = start_gateway(system, "gw-term", {"SHUTDOWN_GRACE_SECONDS": str(grace)})
@@ -469,7 +491,8 @@ async def test_sigterm_with_hung_and_half_open_connections_exits_0(system: Stack
 async def test_idle_sockets_are_cheap_and_their_memory_is_reused(system: Stack) -> None:
     count = 2000
     process = start_gateway(system, "gw-mem", {"MAX_SOCKETS_PER_USER": "0"})
-    assert process.pid is not None
+    pid = process.pid
+    assert pid is not None
     port = process.port
 
     async def open_all() -> list[RawSocket]:
@@ -479,26 +502,25 @@ async def test_idle_sockets_are_cheap_and_their_memory_is_reused(system: Stack) 
                 "Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits"}) for _ in range(100)))
         return opened
 
+    def close_all(sockets: list[RawSocket]) -> None:
+        for sock in sockets:
+            sock.close()
+
     try:
         warm = await open_all()  # first round: imports, caches, pools reach their size
-        for sock in warm:
-            sock.close()
-        await asyncio.sleep(2)
-        base = _rss_kib(process.pid)
+        close_all(warm)
+        # each reading waits until the gateway holds exactly the sockets open at that point
+        # and its memory has stopped moving
+        base = await _settled_rss(pid, port, 0)
         first = await open_all()
-        await asyncio.sleep(1)
-        held = _rss_kib(process.pid)
+        held = await _settled_rss(pid, port, count)
         per_socket = (held - base) / count
-        for sock in first:
-            sock.close()
-        await asyncio.sleep(2)
-        after_first = _rss_kib(process.pid)
+        close_all(first)
+        after_first = await _settled_rss(pid, port, 0)
         second = await open_all()
-        await asyncio.sleep(1)
-        for sock in second:
-            sock.close()
-        await asyncio.sleep(2)
-        after_second = _rss_kib(process.pid)
+        await _settled_rss(pid, port, count)
+        close_all(second)
+        after_second = await _settled_rss(pid, port, 0)
     finally:
         stop_gateway(system, process)
     assert per_socket <= 20, f"{per_socket:.1f} KiB per idle socket"

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -165,10 +166,13 @@ async def test_the_subject_is_the_user(system: Stack, jwt_gateway: ServiceProces
 
 async def test_a_socket_does_not_outlive_its_token(system: Stack, jwt_gateway: ServiceProcess) -> None:
     user = new_user(system)
-    async with connect(ws_url(jwt_gateway), token=hs_token(user, exp=now() + 1)) as client:
+    leeway = 5  # the jwt_gateway's JWT_LEEWAY_SECONDS
+    # already past exp, still inside the leeway (for 3 to 4 s more): accepted
+    exp = now() - 1
+    async with connect(ws_url(jwt_gateway), token=hs_token(user, exp=exp)) as client:
         assert_ok(await client.request(6), 6)
         # idle past exp + leeway: the socket is still open, the next frame closes it
-        await _sleep(1 + 5 + 1.5)
+        await _sleep(exp + leeway + 1 - time.time())
         await client.send(6)
         assert await client.closed_with() == (POLICY, "token expired")
 
