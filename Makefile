@@ -22,7 +22,7 @@ run: install
 
 # Test workers: most of a test's time is spent waiting on the processes it starts, so more
 # workers than cores; each worker runs whole files (--dist loadfile) on a stack of its own.
-TEST_WORKERS ?= 4
+TEST_WORKERS ?= 3
 
 # ruff and mypy first, then every test, then line coverage
 test: check

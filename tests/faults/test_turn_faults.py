@@ -22,9 +22,9 @@ from devstack.stack import Stack
 
 from .fault_support import Load, ensure_running, report, verify, wait_for_recovery
 
-LOAD_BEFORE_SECONDS = 1.5  # load before the fault
+LOAD_BEFORE_SECONDS = 1.0  # load before the fault
 DOWN_SECONDS = 0.5  # how long a killed part stays dead before it is started again
-LOAD_AFTER_SECONDS = 2.5  # load after the part is back
+LOAD_AFTER_SECONDS = 2.0  # load after the part is back
 SESSION_RESUME_BOUND = 15.0  # a session whose gateway died takes a turn within this, from the kill
 HOLD_RELEASE_BOUND = 60.0  # money held for a dead turn is back within this, from the fault
 FLUSHES = 10
