@@ -5,9 +5,9 @@ it, a session whose gateway died takes a turn again within 15 s, and money held 
 died is back within 60 s.
 
 Each scenario: 20 WebSocket clients (12 on sessions of their own, 4 pairs sharing one) make
-type-3 turns with unique messages back to back; after a few seconds the part is killed and
+type-3 turns with unique messages back to back; after a second the part is killed and
 started again on the same port (PostgreSQL on the same data directory, Redis empty), the load
-goes on a few seconds more and stops; then a bounded wait for recovery (no open reservation of
+goes on two seconds more and stops; then a bounded wait for recovery (no open reservation of
 the scenario's users, empty sessions outbox) and the checks. Figures are printed (``-s``) and
 every failed check is listed in the assertion message.
 """
