@@ -11,6 +11,7 @@ import httpx
 import pytest
 import uvicorn
 from litestar import Litestar, get, post
+from litestar.params import FromPath
 
 from chat_common.app import ServicePlugin
 from chat_common.client import ServiceClient
@@ -77,7 +78,7 @@ def test_json_log_lines_carry_request_id() -> None:
 
 
 @get("/things/{thing_id:str}", sync_to_thread=False)
-def get_thing(thing_id: str) -> dict[str, str]:
+def get_thing(thing_id: FromPath[str]) -> dict[str, str]:
     if thing_id == "missing":
         raise NotFoundError("no such thing")
     if thing_id == "poor":

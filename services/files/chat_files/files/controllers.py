@@ -9,8 +9,9 @@ from urllib.parse import quote
 
 from litestar import Controller, Request, delete, get, post
 from litestar.connection import ASGIConnection
+from litestar.di import NamedDependency
 from litestar.handlers.base import BaseRouteHandler
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 from litestar.response import Stream
 
 from chat_common.errors import BadRequestError, NotFoundError, parse_uuid
@@ -19,7 +20,13 @@ from chat_files.files import schemas
 from chat_files.files.content_types import HEAD_BYTES
 from chat_files.files.services import FilesService
 
+Files = NamedDependency[FilesService]
 OriginalName = Annotated[str, Parameter(min_length=1, max_length=schemas.MAX_ORIGINAL_NAME_INPUT)]
+FileName = FromPath[str]
+SessionIdPath = FromPath[str]  # parsed by parse_uuid: one answer for a malformed id
+OptionalUserId = FromQuery[uuid.UUID | None]
+UserId = FromQuery[uuid.UUID]
+AnyOwner = FromQuery[bool]
 
 
 def _checked_name(file_name: str) -> str:
@@ -80,10 +87,10 @@ class FilesController(Controller):
     async def upload(
         self,
         request: Request,
-        files: FilesService,
+        files: Files,
         original_name: OriginalName,
-        user_id: uuid.UUID | None = None,
-        session_id: uuid.UUID | None = None,
+        user_id: OptionalUserId = None,
+        session_id: FromQuery[uuid.UUID | None] = None,
     ) -> schemas.File:
         """Stream the raw body into the bucket. Without ``user_id`` the file is staged with no
         owner (the gateway had not read the form's user_id yet) until ``attach``."""
@@ -99,10 +106,10 @@ class FilesController(Controller):
     async def check_upload(
         self,
         request: Request,
-        files: FilesService,
+        files: Files,
         original_name: OriginalName,
-        user_id: uuid.UUID | None = None,
-        complete: bool = False,
+        user_id: OptionalUserId = None,
+        complete: FromQuery[bool] = False,
     ) -> schemas.TypeCheck:
         """Type (and quota) check of a file's first bytes, before its body is sent: lets the
         gateway refuse a wrong file without streaming all of it first."""
@@ -116,9 +123,9 @@ class FilesController(Controller):
     async def upload_to_session(
         self,
         request: Request,
-        files: FilesService,
-        session_id: str,
-        user_id: uuid.UUID,
+        files: Files,
+        session_id: SessionIdPath,
+        user_id: UserId,
         original_name: OriginalName,
     ) -> schemas.File:
         return await files.upload(
@@ -131,13 +138,13 @@ class FilesController(Controller):
 
     @get("/files/{file_name:str}")
     async def get_file(
-        self, files: FilesService, file_name: str, user_id: uuid.UUID | None = None, any_owner: bool = False
+        self, files: Files, file_name: FileName, user_id: OptionalUserId = None, any_owner: AnyOwner = False
     ) -> schemas.File:
         return await files.get(_checked_name(file_name), _owner(user_id, any_owner))
 
     @get("/files/{file_name:str}/content")
     async def get_content(
-        self, files: FilesService, file_name: str, user_id: uuid.UUID | None = None, any_owner: bool = False
+        self, files: Files, file_name: FileName, user_id: OptionalUserId = None, any_owner: AnyOwner = False
     ) -> Stream:
         meta, chunks = await files.open_content(_checked_name(file_name), _owner(user_id, any_owner))
         return Stream(
@@ -157,42 +164,42 @@ class FilesController(Controller):
     @get("/files/{file_name:str}/url")
     async def get_url(
         self,
-        files: FilesService,
-        file_name: str,
-        user_id: uuid.UUID,
-        expires_seconds: int | None = None,
+        files: Files,
+        file_name: FileName,
+        user_id: UserId,
+        expires_seconds: FromQuery[int | None] = None,
     ) -> schemas.PresignedUrl:
         return await files.presigned_url(_checked_name(file_name), user_id, expires_seconds)
 
     @post("/files/{file_name:str}/attach", status_code=200)
-    async def attach(self, files: FilesService, file_name: str, data: schemas.Attach) -> schemas.File:
+    async def attach(self, files: Files, file_name: FileName, data: JSONBody[schemas.Attach]) -> schemas.File:
         return await files.attach(_checked_name(file_name), data)
 
     @post("/files/{file_name:str}/used", status_code=200)
-    async def mark_used(self, files: FilesService, file_name: str, data: schemas.MarkUsed) -> schemas.File:
+    async def mark_used(self, files: Files, file_name: FileName, data: JSONBody[schemas.MarkUsed]) -> schemas.File:
         return await files.mark_used(_checked_name(file_name), data)
 
     @delete("/files/{file_name:str}", status_code=204)
-    async def delete_file(self, files: FilesService, file_name: str, user_id: uuid.UUID | None = None) -> None:
+    async def delete_file(self, files: Files, file_name: FileName, user_id: OptionalUserId = None) -> None:
         """Without ``user_id`` only a staged upload that has no owner yet can be deleted (the
         gateway dropping an upload whose form never named a valid user)."""
         await files.delete(_checked_name(file_name), user_id)
 
     @get("/sessions/{session_id:str}/files")
-    async def list_session_files(self, files: FilesService, session_id: str, user_id: uuid.UUID) -> schemas.FileList:
+    async def list_session_files(self, files: Files, session_id: SessionIdPath, user_id: UserId) -> schemas.FileList:
         return await files.session_files(parse_uuid(session_id, "session_id"), user_id)
 
     @delete("/sessions/{session_id:str}/files", status_code=200)
     async def delete_session_files(
-        self, files: FilesService, session_id: str, user_id: uuid.UUID
+        self, files: Files, session_id: SessionIdPath, user_id: UserId
     ) -> schemas.Deleted:
         return await files.delete_session_files(parse_uuid(session_id, "session_id"), user_id)
 
     @get("/users/{user_id:str}/usage")
-    async def usage(self, files: FilesService, user_id: str) -> schemas.Usage:
+    async def usage(self, files: Files, user_id: FromPath[str]) -> schemas.Usage:
         return await files.usage(parse_uuid(user_id, "user_id"))
 
     @post("/sweep", status_code=200)
-    async def sweep(self, files: FilesService) -> schemas.SweepResult:
+    async def sweep(self, files: Files) -> schemas.SweepResult:
         return await files.sweep()
 

@@ -16,6 +16,7 @@ from urllib.parse import quote, unquote
 import msgspec
 from litestar import Request, Response, get, post
 from litestar.exceptions import InternalServerException
+from litestar.params import FromPath
 from litestar.response import Stream
 
 from chat_common import contracts as c
@@ -389,7 +390,7 @@ def _content_disposition(original_name: str) -> str:
 
 # ``path``: a name holding (encoded) slashes still reaches this handler and gets its 404 here.
 @get("/uploads/{file_name:path}")
-async def download_file(request: Request, file_name: str, gateway: GatewayDependency) -> Response[Any]:
+async def download_file(request: Request, file_name: FromPath[str], gateway: GatewayDependency) -> Response[Any]:
     ctx = gateway.context
     # the path parameter keeps its leading separator; one more "/" is not a name ever issued
     file_name = file_name[1:] if file_name.startswith("/") else file_name
