@@ -334,6 +334,18 @@ class S3Server(ManagedServer):
         # during that wait often leaves the next start refusing writes for ~13 s more.
         self.kill()
 
+    def kill(self) -> None:
+        super().kill()
+        self.remove_sockets()
+
+    def remove_sockets(self) -> None:
+        """SeaweedFS also listens on a Unix socket per port, /tmp/seaweedfs-<part>-<port>.sock,
+        and removes it only on a clean exit; a killed one leaves six behind."""
+        for port in {self.port, self.master_port, self.volume_port, self.filer_port}:
+            for number in (port, port + 10000):
+                for stale in Path("/tmp").glob(f"seaweedfs-*-{number}.sock"):  # noqa: S108 (its fixed place)
+                    stale.unlink(missing_ok=True)
+
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
