@@ -5,9 +5,9 @@ it, a session whose gateway died takes a turn again within 15 s, and money held 
 died is back within 60 s.
 
 Each scenario: 20 WebSocket clients (12 on sessions of their own, 4 pairs sharing one) make
-type-3 turns with unique messages back to back; after a second the part is killed and
+type-3 turns with unique messages back to back; after half a second the part is killed and
 started again on the same port (PostgreSQL on the same data directory, Redis empty), the load
-goes on two seconds more and stops; then a bounded wait for recovery (no open reservation of
+goes on 1.5 s more and stops; then a bounded wait for recovery (no open reservation of
 the scenario's users, empty sessions outbox) and the checks. Figures are printed (``-s``) and
 every failed check is listed in the assertion message.
 """
@@ -22,9 +22,9 @@ from devstack.stack import Stack
 
 from .fault_support import Load, ensure_running, report, verify, wait_for_recovery
 
-LOAD_BEFORE_SECONDS = 1.0  # load before the fault
+LOAD_BEFORE_SECONDS = 0.5  # load before the fault
 DOWN_SECONDS = 0.5  # how long a killed part stays dead before it is started again
-LOAD_AFTER_SECONDS = 2.0  # load after the part is back
+LOAD_AFTER_SECONDS = 1.5  # load after the part is back
 SESSION_RESUME_BOUND = 15.0  # a session whose gateway died takes a turn within this, from the kill
 HOLD_RELEASE_BOUND = 60.0  # money held for a dead turn is back within this, from the fault
 FLUSHES = 10
