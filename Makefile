@@ -11,7 +11,7 @@ CHECK_PATHS := services tools tests bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet pip==26.3  # pinned like everything else
 	$(VENV)/bin/pip install --quiet -e '.[local,test]'
 	touch $@
 
