@@ -21,12 +21,13 @@ run: install
 	$(PY) -m devstack run
 
 # Test workers: most of a test's time is spent waiting on the processes it starts, so more
-# workers than cores; each worker runs whole files (--dist loadfile) on a stack of its own.
+# workers than cores; each worker runs whole files (--dist loadfile) on a stack of its own,
+# the longest files first (tests/conftest.py, LONGEST_FIRST; xdist would order by test count).
 TEST_WORKERS ?= 3
 
 # ruff and mypy first, then every test, then line coverage
 test: check
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --cov --cov-report=term $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --cov --cov-report=term $(PYTEST_ARGS)
 
 check: install
 	$(VENV)/bin/ruff check $(CHECK_PATHS)

@@ -118,14 +118,21 @@ def system(work_dir: Path, postgres: PostgresServer, redis_server: RedisServer, 
     stack.stop()
 
 
-# The files that take longest, run first: pytest-xdist (--dist loadfile, as `make test` runs it)
-# hands files to workers in collection order, and one of these started last would be the end of
-# the run on its own.
+# The files that take longest (wall time, on a busy 2-core machine), run first: `make test` runs
+# pytest-xdist with --dist loadfile --no-loadscope-reorder, which hands whole files to workers
+# in collection order, and one of these started last would be the end of the run on its own.
 LONGEST_FIRST = (
     "tests/faults/test_turn_faults.py",
-    "tests/foundation/test_run_command.py",
-    "tests/gateway/test_dependency_restarts.py",
     "tests/gateway/test_streaming.py",
+    "tests/gateway/test_user_data.py",
+    "tests/security/test_hostile_clients.py",
+    "tests/security/test_tokens.py",
+    "tests/gateway/test_balance_aware.py",
+    "tests/gateway/test_limits.py",
+    "tests/security/test_limits.py",
+    "tests/foundation/test_run_command.py",
+    "tests/gateway/test_turns.py",
+    "tests/gateway/test_dependency_restarts.py",
 )
 
 
