@@ -27,13 +27,15 @@ def test_a_worker_draws_only_from_its_own_block(monkeypatch: pytest.MonkeyPatch)
 def test_a_port_in_use_is_skipped_and_the_offset_port_is_free_too(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(servers, "_reserved_ports", set())
     monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
-    start = WORKER_PORT_BASE + WORKER_PORT_BLOCK
+    block = range(WORKER_PORT_BASE + WORKER_PORT_BLOCK, WORKER_PORT_BASE + 2 * WORKER_PORT_BLOCK)
+    # two ports of gw1's block that are free now (a real gw1 worker may hold others)
+    taken, wanted = [port for port in block if servers.port_is_free(port)][:2]
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
-        busy.bind(("127.0.0.1", start))  # the block's first port...
+        busy.bind(("127.0.0.1", taken))  # this one is drawn first, then again, then the other
         busy.listen()
-        draws = iter([0, 0, 1])  # ...is drawn first, then drawn again, then the next one
+        draws = iter([block.index(taken), block.index(taken), block.index(wanted)])
         monkeypatch.setattr(servers.secrets, "randbelow", lambda _n: next(draws))
-        assert free_port() == start + 1
+        assert free_port() == wanted
     monkeypatch.undo()
 
     monkeypatch.setattr(servers, "_reserved_ports", set())
