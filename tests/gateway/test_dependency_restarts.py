@@ -6,13 +6,22 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import httpx
 
-from devstack.servers import RedisServer, S3Server
+from devstack.servers import RedisServer, S3Server, free_port
 from devstack.stack import Stack
 
-from .conftest import assert_error, assert_ok, balance_of, connect, new_user
+from .conftest import (
+    assert_error,
+    assert_ok,
+    balance_of,
+    connect,
+    new_user,
+    start_gateway,
+    ws_url,
+)
 
 
 async def _turn(stack: Stack, user: str, session: str, message: str) -> dict:
@@ -45,13 +54,23 @@ async def test_ai_service_restart(stack: Stack) -> None:
     assert [e["content"] for e in chat if e["role"] == "user"] == ["before the restart", "after the restart"]
 
 
-async def test_redis_restart_loses_nothing(stack: Stack, redis_server: RedisServer) -> None:
-    user = new_user(stack)
-    session = assert_ok(await _turn(stack, user, "NEW", "first words"), 3)["session_id"]
-    redis_server.stop()  # keeps nothing on disk: every cached context is gone
-    redis_server.start()
-    reply = assert_ok(await _turn(stack, user, session, "second words"), 3)
-    assert "History: 2 entries" in reply["message"]
+async def test_redis_restart_loses_nothing(stack: Stack, private_dir: Path) -> None:
+    # a Redis and a gateway of its own: restarting the shared Redis would leave every other
+    # process of this worker's stack a pool of closed connections for later tests to run into
+    redis = RedisServer("redis-restarted", free_port(), private_dir / "redis").start()
+    gateway = start_gateway(stack, REDIS_URL=redis.url())
+    try:
+        async with connect(ws_url(gateway)) as client:
+            user = new_user(stack)
+            session = assert_ok(await client.chat(user, "NEW", "first words"), 3)["session_id"]
+        redis.stop()  # keeps nothing on disk: every cached context is gone
+        redis.start()
+        async with connect(ws_url(gateway)) as client:
+            reply = assert_ok(await client.chat(user, session, "second words"), 3)
+        assert "History: 2 entries" in reply["message"]
+    finally:
+        gateway.stop()
+        redis.stop()
 
 
 async def test_object_store_restart(stack: Stack, s3_server: S3Server) -> None:
