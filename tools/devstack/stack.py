@@ -9,8 +9,8 @@ import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import TypeVar, cast
 
 from devstack.servers import (
     ManagedServer,
@@ -21,25 +21,14 @@ from devstack.servers import (
     free_port,
 )
 
-T = TypeVar("T")
 
-
-def side_by_side(calls: dict[str, Callable[[], T]]) -> tuple[dict[str, T], BaseException | None]:
-    """Run each call in a thread of its own and wait for all of them: what they returned, by
-    name (in the order given), and the first failure, if any."""
-    if not calls:
-        return {}, None
-    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
-        futures = {name: pool.submit(call) for name, call in calls.items()}
-    results: dict[str, T] = {}
-    failure: BaseException | None = None
-    for name, future in futures.items():
-        error = future.exception()
-        if error is None:
-            results[name] = future.result()
-        elif failure is None:
-            failure = error
-    return results, failure
+def side_by_side(*calls: Callable[[], object]) -> None:
+    """Run each call in a thread of its own, wait for all of them, then raise the first failure
+    (so a failed start still lets the others finish, and be stopped)."""
+    with ThreadPoolExecutor(max_workers=max(1, len(calls))) as pool:
+        futures = [pool.submit(call) for call in calls]
+    for future in futures:
+        future.result()
 
 
 SERVICE_MODULES = {
@@ -99,41 +88,37 @@ class Stack:
 
     def start_infrastructure(self) -> None:
         """PostgreSQL, Redis and the S3 store, each unless its URL is given, started side by side
-        (each start is mostly waiting: initdb, SeaweedFS's own start-up)."""
-        starters: dict[str, Callable[[], ManagedServer]] = {}
-        if not self.infra.database_url:
-            def postgres() -> ManagedServer:
-                pg = PostgresServer(
-                    "postgres", self.local_ports.get("postgres") or free_port(), self.data_dir / "postgres",
-                    durable=self.durable,
-                ).start()
-                pg.create_database("chat")
-                return pg
-            starters["postgres"] = postgres
-        if not self.infra.redis_url:
-            starters["redis"] = lambda: RedisServer(
-                "redis", self.local_ports.get("redis") or free_port(), self.data_dir / "redis").start()
-        if not self.infra.s3_endpoint:
+        (each start is mostly waiting: initdb, SeaweedFS's own start-up). Each is in
+        ``servers`` as soon as it runs, so that a failed start of another still stops it."""
+        def postgres() -> None:
+            pg = PostgresServer(
+                "postgres", self.local_ports.get("postgres") or free_port(), self.data_dir / "postgres",
+                durable=self.durable,
+            ).start()
+            self.servers.append(pg)
+            pg.create_database("chat")
+            self.infra.database_url = pg.url("chat")
+
+        def redis() -> None:
+            server = RedisServer("redis", self.local_ports.get("redis") or free_port(), self.data_dir / "redis").start()
+            self.servers.append(server)
+            self.infra.redis_url = server.url()
+
+        def s3() -> None:
             # the SeaweedFS ports asked for, else S3Server's own defaults (0: found free)
-            starters["s3"] = lambda: S3Server(
+            server = S3Server(
                 "s3", self.local_ports.get("s3") or free_port(also_free_offset=10000), self.data_dir / "s3",
                 master_port=self.local_ports.get("master_port", 0),
                 volume_port=self.local_ports.get("volume_port", 0),
                 filer_port=self.local_ports.get("filer_port", 0),
             ).start()
-        started, failure = side_by_side(starters)
-        self.servers.extend(started.values())  # so that a failed start still stops the others
-        if "postgres" in started:
-            self.infra.database_url = cast(PostgresServer, started["postgres"]).url("chat")
-        if "redis" in started:
-            self.infra.redis_url = cast(RedisServer, started["redis"]).url()
-        if "s3" in started:
-            s3 = cast(S3Server, started["s3"])
-            self.infra.s3_endpoint = s3.endpoint()
-            self.infra.s3_access_key = s3.access_key
-            self.infra.s3_secret_key = s3.secret_key
-        if failure is not None:
-            raise failure
+            self.servers.append(server)
+            self.infra.s3_endpoint = server.endpoint()
+            self.infra.s3_access_key = server.access_key
+            self.infra.s3_secret_key = server.secret_key
+
+        wanted = [(self.infra.database_url, postgres), (self.infra.redis_url, redis), (self.infra.s3_endpoint, s3)]
+        side_by_side(*(start for given, start in wanted if not given))
 
     # services ------------------------------------------------------------------------------
 
@@ -187,14 +172,7 @@ class Stack:
         self.start_infrastructure()
         # The database services and the AI service side by side (migrations take an advisory
         # lock per schema, so concurrent starts are safe), then the gateway, which needs them.
-        _, failure = side_by_side({
-            "billing": lambda: self.start_service("billing"),
-            "sessions": lambda: self.start_service("sessions"),
-            "files": lambda: self.start_service("files"),
-            "ai": self.start_ai,
-        })
-        if failure is not None:
-            raise failure
+        side_by_side(*(partial(self.start_service, name) for name in ("billing", "sessions", "files")), self.start_ai)
         self.start_service("gateway")
         return self
 
@@ -202,11 +180,10 @@ class Stack:
         """The gateway first (it finishes turns in flight against the others), then the other
         services side by side, then the servers side by side."""
         gateways = [self.services.pop(name) for name in list(self.services) if name.startswith("gateway")]
-        side_by_side({f"{i}": gateway.stop for i, gateway in enumerate(gateways)})
-        others = list(self.services.values())
-        side_by_side({f"{i}": process.stop for i, process in enumerate(others)})
+        side_by_side(*(gateway.stop for gateway in gateways))
+        side_by_side(*(process.stop for process in self.services.values()))
         self.services.clear()
-        side_by_side({f"{i}": server.stop for i, server in enumerate(self.servers)})
+        side_by_side(*(server.stop for server in self.servers))
         self.servers.clear()
 
     # single parts (faults, measurements) -----------------------------------------------------
